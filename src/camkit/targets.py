@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -13,11 +13,11 @@ from camkit.errors import CamkitError
 __all__ = ["OutputSelector", "Targets", "select_output", "target_scores"]
 
 #: What ``targets`` may be: see :meth:`camkit.GradCAM.__call__`.
-Targets = Union[
-    None, int, Sequence[int], np.ndarray, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]
-]
+Targets = (
+    None | int | Sequence[int] | np.ndarray | torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
+)
 #: How to pick the logits out of a model that returns a tuple, list or dict.
-OutputSelector = Union[None, int, str, Callable[[Any], torch.Tensor]]
+OutputSelector = None | int | str | Callable[[Any], torch.Tensor]
 
 
 def select_output(output: Any, selector: OutputSelector) -> torch.Tensor:
