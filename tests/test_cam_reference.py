@@ -134,7 +134,7 @@ def _models() -> dict[str, tuple[nn.Module, str, tuple[int, int]]]:
     tv = torchvision.models
     return {
         "resnet18": (tv.resnet18(weights=None), "layer4", (64, 96)),
-        "mobilenet_v2": (tv.mobilenet_v2(weights=None), "features", (64, 80)),
+        "mobilenet_v2": (tv.mobilenet_v2(weights=None), "features", (64, 64)),
         "vgg11_flatten_head": (tv.vgg11(weights=None), "features", (64, 96)),
         "squeezenet_conv_head": (tv.squeezenet1_1(weights=None), "features.12", (80, 64)),
         "attention_pool": (ConvHead(), "features", (40, 56)),

@@ -7,6 +7,7 @@ weigh, combine, upsample and scale the maps, all on the model's device.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -287,10 +288,8 @@ class CAM:
             )
         if images.shape[0] == 0:
             raise CamkitError("images is an empty batch (N = 0).")
-        reference = next(
-            (t for t in (*self.model.parameters(), *self.model.buffers()) if t.is_floating_point()),
-            None,
-        )
+        tensors = itertools.chain(self.model.parameters(), self.model.buffers())
+        reference = next((t for t in tensors if t.is_floating_point()), None)
         if reference is not None:
             dtype = reference.dtype if images.is_floating_point() else None
             images = images.to(device=reference.device, dtype=dtype)

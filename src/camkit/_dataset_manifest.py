@@ -1,0 +1,122 @@
+"""The manifest of an ``explain_dataset`` output folder: what produced it.
+
+A run writes ``manifest.json`` with a description of its arguments, the model (a digest of
+its parameters and buffers) and the dataset (type and length). A later run into the same
+folder goes on only when its description is the same, so finished shards are reused only by
+the run that would have written them identically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from camkit._version import __version__
+from camkit.errors import CamkitError
+
+__all__ = ["FORMAT", "check_or_create", "fingerprint", "model_digest", "write_atomic"]
+
+FORMAT = "camkit-explanations/1"
+MANIFEST = "manifest.json"
+
+
+def model_digest(model: nn.Module) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of the model's state dict."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        data = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}|".encode())
+        if data.numel():
+            digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def fingerprint(description: dict[str, Any]) -> str:
+    """SHA-256 of the canonical JSON form of ``description``."""
+    text = json.dumps(description, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and an atomic rename."""
+    temp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    with open(temp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temp, path)
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        flat: dict[str, Any] = {}
+        for key, item in value.items():
+            flat.update(_flatten(item, f"{prefix}{key}."))
+        return flat
+    return {prefix[:-1]: value}
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    before, after = _flatten(old), _flatten(new)
+    lines = []
+    for key in sorted(set(before) | set(after)):
+        if before.get(key) != after.get(key):
+            lines.append(f"{key}: {before.get(key)!r} there, {after.get(key)!r} now")
+    return lines
+
+
+def check_or_create(out: Path, description: dict[str, Any]) -> None:
+    """Accept ``out`` for a run described by ``description``, or raise.
+
+    ``out`` is accepted when it does not exist, is empty, or holds a manifest with the same
+    description (a resumed run). A manifest is created for a new run.
+    """
+    if out.exists() and not out.is_dir():
+        raise CamkitError(f"out={str(out)!r} is a file; pass a folder for the results.")
+    manifest = out / MANIFEST
+    if manifest.is_file():
+        try:
+            stored = json.loads(manifest.read_text())
+        except (OSError, ValueError) as err:
+            raise CamkitError(
+                f"{manifest} cannot be read ({err}); the folder is damaged: delete it or pass "
+                "another out."
+            ) from err
+        if stored.get("format") != FORMAT:
+            raise CamkitError(
+                f"{manifest} has format {stored.get('format')!r}, this camkit writes "
+                f"{FORMAT!r}; pass another out or delete the folder."
+            )
+        if stored.get("fingerprint") == fingerprint(description):
+            return
+        changes = _differences(stored.get("arguments", {}), description)
+        raise CamkitError(
+            f"out={str(out)!r} holds results of different arguments, so they cannot be "
+            "resumed or reused; what differs:\n  " + "\n  ".join(changes or ["(unknown)"])
+            + "\nPass another out, or delete the folder to start again."
+        )
+    if out.is_dir() and any(out.iterdir()):
+        raise CamkitError(
+            f"out={str(out)!r} is not empty and holds no {MANIFEST} from explain_dataset; pass "
+            "a new or empty folder so that no other files are mixed with (or lost to) the "
+            "results."
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    record = {
+        "format": FORMAT,
+        "fingerprint": fingerprint(description),
+        "arguments": description,
+    }
+    write_atomic(manifest, (json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
+
+
+def library_version() -> str:
+    return __version__

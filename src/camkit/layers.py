@@ -1,0 +1,440 @@
+"""Finding the layer Grad-CAM explains: by name, by module, by adapter, or by a dry run.
+
+Resolution order (see ``docs/layers.md``):
+
+1. an explicit ``target_layer``: a dotted name from ``model.named_modules()``, the module
+   object itself, or a list of either;
+2. else the first adapter (:mod:`camkit.adapters`) that recognises the architecture;
+3. else the heuristic over one dry forward: the last module whose output is a 4-D map with
+   height and width > 1, taking the outermost module that returns that same tensor
+   (``layer4`` over ``layer4.1`` over ``layer4.1.relu``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import itertools
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from camkit._layers_heuristic import LIST_HINT, is_map, no_map_error, pick_from_trace
+from camkit._layers_table import LayerInfo, LayerTable
+from camkit._trace import Trace, trace_forward
+from camkit.adapters import Adapter, find_adapter
+from camkit.adapters._base import first_conv_channels, timm_input_size
+from camkit.errors import CamkitError
+
+__all__ = [
+    "LayerInfo",
+    "LayerTable",
+    "enclosing_block_name",
+    "list_layers",
+    "resolve_target_layers",
+]
+
+_log = logging.getLogger(__name__)
+
+LayerSpec = str | nn.Module
+
+
+# --------------------------------------------------------------------------- the model itself
+
+
+def _unwrap(model: Any) -> nn.Module:
+    """The eager module to search: refuse TorchScript, look through ``torch.compile``."""
+    if isinstance(model, torch.jit.ScriptModule):
+        raise CamkitError(
+            f"model is a TorchScript module ({type(model).__name__}); camkit needs forward "
+            "hooks, which TorchScript does not run. Pass the eager nn.Module you scripted or "
+            "traced (torch.compile'd models are fine)."
+        )
+    if not isinstance(model, nn.Module):
+        raise CamkitError(
+            f"model must be a torch.nn.Module, got {type(model).__name__}. If you have a class, "
+            "pass an instance (MyNet(), not MyNet)."
+        )
+    while type(model).__name__ == "OptimizedModule" and isinstance(
+        getattr(model, "_orig_mod", None), nn.Module
+    ):
+        model = model._orig_mod  # torch.compile: names and hooks live on the original
+    return model
+
+
+def _require_parameters(model: nn.Module) -> None:
+    if next(model.parameters(), None) is None:
+        raise CamkitError(
+            f"model ({type(model).__name__}) has no parameters, so there is no learned layer "
+            "to explain. If the network is kept in a plain list, dict or attribute that "
+            "nn.Module does not register, wrap it in nn.ModuleList / nn.ModuleDict or assign "
+            "it as a submodule; camkit finds layers through model.named_modules()."
+        )
+
+
+def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        if tensor.is_floating_point():
+            return tensor.device, tensor.dtype
+    return torch.device("cpu"), torch.float32
+
+
+# --------------------------------------------------------------------------- the dry run
+
+
+@dataclass(frozen=True)
+class _DryInput:
+    tensor: torch.Tensor
+    description: str  # what was tried, in words, for error messages
+    from_user: bool
+
+
+def _default_size(model: nn.Module, adapter: Adapter | None) -> tuple[int, int, int]:
+    """The adapter's size, else the one a timm model records, else 224 x 224."""
+    if adapter is not None:
+        channels, height, width = adapter.input_size(model)
+        return (channels, height, width)
+    if hasattr(model, "pretrained_cfg"):
+        return timm_input_size(model)
+    return (first_conv_channels(model), 224, 224)
+
+
+def _as_size(model: nn.Module, input_size: Any) -> tuple[int, int, int]:
+    if isinstance(input_size, int) and not isinstance(input_size, bool):
+        input_size = (input_size, input_size)
+    if isinstance(input_size, torch.Size):
+        input_size = tuple(input_size)
+    if (
+        isinstance(input_size, (tuple, list))
+        and len(input_size) in (2, 3)
+        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in input_size)
+    ):
+        if len(input_size) == 2:
+            return (first_conv_channels(model), input_size[0], input_size[1])
+        return (input_size[0], input_size[1], input_size[2])
+    raise CamkitError(
+        f"input_size must be (C, H, W), (H, W) or an int, got {input_size!r}; e.g. "
+        "input_size=(3, 224, 224)."
+    )
+
+
+def _input_from_example(model: nn.Module, example_input: Any) -> _DryInput:
+    """The first image of the user's batch, on the model's device and dtype."""
+    if not isinstance(example_input, torch.Tensor) or example_input.ndim == 0:
+        got = type(example_input).__name__
+        if isinstance(example_input, torch.Tensor):
+            got = "a 0-dimensional tensor"
+        raise CamkitError(f"the input must be a batched tensor (N, C, H, W), got {got}.")
+    device, dtype = _device_dtype(model)
+    with torch.inference_mode(False):
+        x = example_input[:1].clone()  # one image shows every shape; clone: no inference tensor
+    x = x.to(device=device, dtype=dtype) if x.is_floating_point() else x.to(device=device)
+    shape = tuple(example_input.shape)
+    return _DryInput(x, f"the first image of your input (batch shape {shape})", True)
+
+
+def _input_of_size(model: nn.Module, size: tuple[int, int, int]) -> _DryInput:
+    """One random image of ``size``; a private generator leaves the global RNG untouched."""
+    device, dtype = _device_dtype(model)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn((1, *size), generator=generator).to(device=device, dtype=dtype)
+    return _DryInput(x, f"a random input of shape {tuple(x.shape)}", False)
+
+
+def _dry_input(model: nn.Module, example_input: Any, adapter: Adapter | None) -> _DryInput:
+    if example_input is not None:
+        return _input_from_example(model, example_input)
+    return _input_of_size(model, _default_size(model, adapter))
+
+
+def _run(model: nn.Module, dry: _DryInput) -> Trace:
+    try:
+        return trace_forward(model, dry.tensor)
+    except Exception as exc:
+        if dry.from_user:
+            fix = (
+                "Check that the input is what the model expects, or pass "
+                "target_layer=... to skip the dry run."
+            )
+        else:
+            fix = (
+                "If the model expects another input size, call the CAM with a real batch "
+                "(camkit then uses its shape), pass target_layer=... to skip the dry run, or "
+                "give the size to camkit.list_layers(model, input_size=(C, H, W))."
+            )
+        raise CamkitError(
+            f"camkit runs the model once to find its layers; that forward failed on "
+            f"{dry.description}: {type(exc).__name__}: {exc}. {fix}"
+        ) from exc
+
+
+# --------------------------------------------------------------------------- explicit layers
+
+
+def _from_python_syntax(model: nn.Module, name: str) -> str | None:
+    """Turn ``model.features[-1]`` style spellings into the dotted name, if it exists."""
+    text = name.strip()
+    for prefix in ("model.", "self."):
+        if text.startswith(prefix):
+            text = text[len(prefix) :]
+    parts: list[str] = []
+    for piece in re.findall(r"[^.\[\]]+|\[-?\d+\]", text):
+        if piece.startswith("["):
+            index = int(piece[1:-1])
+            try:
+                container = model.get_submodule(".".join(parts))
+            except AttributeError:
+                return None
+            if index < 0:
+                index += len(container._modules)
+            keys = list(container._modules)
+            if not 0 <= index < len(keys):
+                return None
+            parts.append(keys[index])
+        else:
+            parts.append(piece)
+    candidate = ".".join(parts)
+    if not candidate or candidate == name:
+        return None
+    try:
+        model.get_submodule(candidate)
+    except AttributeError:
+        return None
+    return candidate
+
+
+def _unknown_name(model: nn.Module, name: str) -> CamkitError:
+    names = [n for n, _ in model.named_modules(remove_duplicate=False) if n]
+    spelled = _from_python_syntax(model, name)
+    if spelled is not None:
+        suggestion = f"Did you mean {spelled!r}? camkit uses the dotted names of named_modules()."
+    else:
+        close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+        suggestion = (
+            "Closest names: " + ", ".join(map(repr, close)) + "."
+            if close
+            else "No name is close to it."
+        )
+    return CamkitError(
+        f"no layer named {name!r} in {type(model).__name__} ({len(names)} named modules). "
+        f"{suggestion} Names are the dotted paths of model.named_modules(); {LIST_HINT}."
+    )
+
+
+def _explicit(model: nn.Module, item: Any, names: dict[int, str]) -> tuple[str, nn.Module]:
+    if isinstance(item, str):
+        name = item[len("_orig_mod.") :] if item.startswith("_orig_mod.") else item
+        if not name:
+            raise CamkitError(
+                "target_layer '' names the whole model; pick a layer inside it "
+                f"({LIST_HINT})."
+            )
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise _unknown_name(model, name) from None
+        return name, module
+    if isinstance(item, nn.Module):
+        if item is model:
+            raise CamkitError(
+                "target_layer is the model itself; pick a layer inside it "
+                f"({LIST_HINT})."
+            )
+        found = names.get(id(item))
+        if found is None:
+            raise CamkitError(
+                f"target_layer is a {type(item).__name__} that is not a submodule of this "
+                f"{type(model).__name__} (a layer taken from another copy of the model, such "
+                "as one made by copy.deepcopy?). Pass a module reached from the model itself, "
+                "e.g. model.layer4, or its dotted name."
+            )
+        return found, item
+    raise CamkitError(
+        "target_layer must be None, a dotted layer name, an nn.Module inside the model, or a "
+        f"list of those; got {type(item).__name__}."
+    )
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def _adapter_pick(model: nn.Module) -> tuple[Adapter | None, str | None]:
+    """The matching adapter and its layer name, if the name exists in the model."""
+    adapter = find_adapter(model)
+    if adapter is None:
+        return None, None
+    name = adapter.layer(model)
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        _log.debug("adapter %r names missing layer %r; using the heuristic", adapter.family, name)
+        return adapter, None
+    return adapter, name
+
+
+def resolve_target_layers(
+    model: nn.Module,
+    target_layer: LayerSpec | Sequence[LayerSpec] | None,
+    example_input: torch.Tensor | None = None,
+) -> list[tuple[str, nn.Module]]:
+    """Resolve ``target_layer`` into ``[(dotted_name, module), ...]``.
+
+    Parameters
+    ----------
+    model
+        The network (eager; a ``torch.compile``'d model is searched through ``_orig_mod``,
+        and names are relative to the original model).
+    target_layer
+        ``None`` (automatic: adapter, else heuristic), a dotted name from
+        ``model.named_modules()``, a module inside ``model``, or a sequence of those.
+    example_input
+        A real batch, used (its first image) for the dry forward when the heuristic is needed.
+        Without it, the dry forward uses the adapter's or the model's canonical size, else
+        224 x 224.
+
+    Returns
+    -------
+    list of (str, nn.Module)
+        One pair per requested layer, in the order given.
+
+    Raises
+    ------
+    CamkitError
+        For an unknown name (with the closest names), a module outside the model, a model
+        without any 4-D feature map, a model without parameters, a TorchScript model, or a
+        dry forward that fails.
+    """
+    root = _unwrap(model)
+    if target_layer is None:
+        return [_auto(root, example_input)]
+    if isinstance(target_layer, (str, nn.Module)):
+        items: list[Any] = [target_layer]
+    elif isinstance(target_layer, Sequence):
+        items = list(target_layer)
+        if not items:
+            raise CamkitError(
+                "target_layer is an empty sequence; give at least one layer, or None to let "
+                "camkit choose."
+            )
+    else:
+        raise CamkitError(
+            "target_layer must be None, a dotted layer name, an nn.Module inside the model, or "
+            f"a list of those; got {type(target_layer).__name__}."
+        )
+    names = {id(module): name for name, module in root.named_modules() if name}
+    resolved = [_explicit(root, item, names) for item in items]
+    seen: set[int] = set()
+    for name, module in resolved:
+        if id(module) in seen:
+            raise CamkitError(f"target_layer lists the layer {name!r} twice; list it once.")
+        seen.add(id(module))
+    return resolved
+
+
+def _auto(model: nn.Module, example_input: torch.Tensor | None) -> tuple[str, nn.Module]:
+    _require_parameters(model)
+    adapter, name = _adapter_pick(model)
+    if name is not None:
+        _log.info("camkit picked layer %r (adapter: %s)", name, adapter.family)
+        return name, model.get_submodule(name)
+    return _heuristic_layer(model, example_input, adapter)
+
+
+def _heuristic_layer(
+    model: nn.Module, example_input: torch.Tensor | None, adapter: Adapter | None = None
+) -> tuple[str, nn.Module]:
+    """The heuristic's layer, from one dry forward (ignores adapters except for the size)."""
+    dry = _dry_input(model, example_input, adapter)
+    trace = _run(model, dry)
+    pick = pick_from_trace(trace)
+    if pick.name is None:
+        raise no_map_error(model, trace, dry.description, pick)
+    _log.info("camkit picked layer %r (%s)", pick.name, pick.why)
+    return pick.name, model.get_submodule(pick.name)
+
+
+def enclosing_block_name(
+    model: nn.Module, name: str, example_input: torch.Tensor | None = None
+) -> str | None:
+    """The nearest ancestor of layer ``name`` that runs exactly once per forward.
+
+    Used to suggest a replacement for a layer that runs several times (a shared ReLU).
+
+    Parameters
+    ----------
+    model
+        The network.
+    name
+        Dotted name of the layer that ran more than once.
+    example_input
+        A batch whose first image is used for one dry forward; without it, the model's
+        canonical size (as for ``list_layers``).
+
+    Returns
+    -------
+    str or None
+        The ancestor's dotted name, or ``None`` when no proper ancestor (the model itself
+        excluded) runs once.
+    """
+    root = _unwrap(model)
+    trace = _run(root, _dry_input(root, example_input, find_adapter(root)))
+    parts = name.split(".")
+    for depth in range(len(parts) - 1, 0, -1):
+        ancestor = ".".join(parts[:depth])
+        try:
+            module = root.get_submodule(ancestor)
+        except AttributeError:
+            return None
+        if trace.calls_of(module) == 1:
+            return ancestor
+    return None
+
+
+def list_layers(model: nn.Module, input_size: Any = None) -> LayerTable:
+    """The layers a forward pass runs, with output shapes: what to choose a layer from.
+
+    Parameters
+    ----------
+    model
+        The network. It is run once on one random image, in eval mode without grad; its
+        mode is restored and no hook is left.
+    input_size
+        ``(C, H, W)``, ``(H, W)`` or an int (square). ``None``: the adapter's or the model's
+        canonical size, else 224 x 224 with the stem's channel count.
+
+    Returns
+    -------
+    LayerTable
+        Rows in execution order (order of first call) with dotted name, class, output
+        shape, number of calls, and which layer camkit picks; ``print()`` it for a table.
+    """
+    root = _unwrap(model)
+    adapter, adapter_name = _adapter_pick(root)
+    size = _default_size(root, adapter) if input_size is None else _as_size(root, input_size)
+    dry = _input_of_size(root, size)
+    trace = _run(root, dry)
+    if adapter is not None and adapter_name is not None:
+        picked, reason = adapter_name, f"adapter: {adapter.family}"
+    else:
+        pick = pick_from_trace(trace)
+        picked, reason = pick.name, pick.why
+    maps = {c.name for c in trace.calls if is_map(c.tensor)}
+    rows = [
+        LayerInfo(
+            index=i,
+            name=record.name,
+            type=type(record.module).__name__,
+            output=record.output,
+            calls=record.calls,
+            is_map=record.name in maps,
+            picked=record.name == picked,
+        )
+        for i, record in enumerate(trace.records.values(), start=1)
+    ]
+    return LayerTable(
+        type(root).__name__, tuple(dry.tensor.shape), rows, picked, reason, trace.not_run
+    )
