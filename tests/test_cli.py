@@ -306,6 +306,21 @@ def test_pickled_model_is_refused(files, capsys) -> None:
     assert "not a file written by torch.save" in not_torch
 
 
+def test_trusted_pickled_model_gives_its_weights(files, capsys, monkeypatch) -> None:
+    # torch.save(model) pickles the class by module name: make the test module importable.
+    monkeypatch.setitem(sys.modules, "_test_rampnet", files["module"])
+    whole = files["dir"] / "whole.pt"
+    torch.save(files["module"].trained(), whole)
+    line = _run_error(_explain(files, "--checkpoint", str(whole)), capsys)
+    assert "add --trust-pickle" in line
+    assert cli.main(_explain(files, "--checkpoint", str(whole), "--trust-pickle")) == 0
+    np.testing.assert_array_equal(_read_rgb(files["dir"] / "cam.png"), _jet(_ramp_image()))
+    # Once trusted, a class that cannot be imported is named in one line.
+    monkeypatch.delitem(sys.modules, "_test_rampnet")
+    line = _run_error(_explain(files, "--checkpoint", str(whole), "--trust-pickle"), capsys)
+    assert "cannot unpickle" in line and "_test_rampnet" in line
+
+
 @pytest.mark.parametrize("command", ["explain", "layers"])
 def test_a_size_the_model_cannot_take(files, capsys, command) -> None:
     # The net expects 3 channels; a grayscale input cannot run.
@@ -339,7 +354,7 @@ def test_version(capsys) -> None:
     assert capsys.readouterr().out.strip() == f"camkit {camkit.__version__}"
 
 
-@pytest.mark.parametrize("command", [None, "layers", "rf", "explain"])
+@pytest.mark.parametrize("command", [None, "layers", "rf", "explain", "explain-dataset"])
 def test_help_on_every_command(command, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         cli.main([command, "--help"] if command else ["--help"])
@@ -367,6 +382,23 @@ def test_explain_dataset_is_registered_when_present(capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["explain-dataset", "--help"])
     assert exit_info.value.code == (0 if present else 2)
+
+
+def _model_options(parser) -> dict[str, tuple]:
+    (group,) = [g for g in parser._action_groups if g.title == "model"]
+    return {a.option_strings[0]: (a.nargs, a.choices, a.required) for a in group._group_actions}
+
+
+def test_explain_and_explain_dataset_share_their_model_options() -> None:
+    pytest.importorskip("camkit._cli_dataset")
+    choices = cli.build_parser()._subparsers._group_actions[0].choices
+    explain, dataset = (_model_options(choices[c]) for c in ("explain", "explain-dataset"))
+    assert explain == dataset
+    assert set(explain) == {
+        "--model", "--checkpoint", "--trust-pickle", "--model-arg", "--input-size",
+        "--method", "--layer", "--target", "--device",
+    }
+    assert explain["--method"][1] == ("gradcam", "gradcampp")
 
 
 def test_cli_works_when_the_dataset_module_fails_to_import(capsys, monkeypatch) -> None:

@@ -7,7 +7,6 @@ per-class statistics, and byte comparison of whole output folders.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
@@ -21,8 +20,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, SubsetRandomSampler
 
-from camkit import CamkitError, GradCAM
-from camkit._cli_dataset import add_parser, run
+from camkit import CamkitError, GradCAM, GradCAMPlusPlus, cli
 from camkit.dataset import explain_dataset, load_explanations
 
 N_IMAGES, N_CLASSES = 40, 5
@@ -358,9 +356,7 @@ def test_two_processes_write_what_one_process_writes(tmp_path) -> None:
 
 # --------------------------------------------------------------------------- command line
 def _cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="camkit")
-    add_parser(parser.add_subparsers(dest="command"))
-    return run(parser.parse_args(argv))
+    return cli.main(argv)
 
 
 def test_cli_npz_and_image_folder(tmp_path, capsys) -> None:
@@ -380,7 +376,7 @@ def test_cli_npz_and_image_folder(tmp_path, capsys) -> None:
     status = _cli(["explain-dataset", "--model", f"{model_file}:build", "--npz",
                    str(tmp_path / "data.npz"), "--images-key", "x", "--labels-key", "y",
                    "--mean", "0.5", "--std", "0.25", "--out", str(tmp_path / "npz_out"),
-                   "--targets", "label", "--map-dtype", "float32", "--layer", "1"])
+                   "--target", "label", "--map-dtype", "float32", "--layer", "1"])
     assert status == 0, capsys.readouterr().err
     assert "explained 6 images" in capsys.readouterr().out
     result = load_explanations(tmp_path / "npz_out")
@@ -398,9 +394,9 @@ def test_cli_npz_and_image_folder(tmp_path, capsys) -> None:
         (folder / name).mkdir(parents=True)
         for k in range(2):
             cv2.imwrite(str(folder / name / f"{k}.png"), images[2 * label + k])
-    status = _cli(["explain-dataset", "--model", f"{model_file}:build", "--model-kwargs",
-                   '{"channels": 3}', "--images", str(folder), "--out", str(tmp_path / "f_out"),
-                   "--layer", "1", "--keep", "stats", "--targets", "label"])
+    status = _cli(["explain-dataset", "--model", f"{model_file}:build", "--model-arg",
+                   "channels=3", "--images", str(folder), "--out", str(tmp_path / "f_out"),
+                   "--layer", "1", "--keep", "stats", "--target", "label"])
     assert status == 0, capsys.readouterr().err
     folder_result = load_explanations(tmp_path / "f_out")
     assert folder_result.records["label"].tolist() == [0, 0, 1, 1]
@@ -409,4 +405,74 @@ def test_cli_npz_and_image_folder(tmp_path, capsys) -> None:
     status = _cli(["explain-dataset", "--model", "no_such_module:thing", "--npz",
                    str(tmp_path / "data.npz"), "--out", str(tmp_path / "bad")])
     assert status == 2
-    assert "cannot import no_such_module" in capsys.readouterr().err
+    assert "cannot import 'no_such_module'" in capsys.readouterr().err
+
+
+def _npz(path: Path, channels: int, size: int = 32, n: int = 4) -> np.ndarray:
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, size=(n, size, size, channels), dtype=np.uint8)
+    np.savez(path, images=images, labels=np.arange(n) % 3)
+    return images
+
+
+def test_cli_shares_explains_model_options(tmp_path, capsys) -> None:
+    # A torchvision name, a state dict, --method gradcampp and a class index, as in explain;
+    # the reference is GradCAM++ called directly on the same weights and pixels.
+    tv_models = pytest.importorskip("torchvision.models")
+    images = _npz(tmp_path / "rgb.npz", 3)
+    torch.manual_seed(0)
+    net = tv_models.squeezenet1_1(num_classes=3).eval()
+    torch.save(net.state_dict(), tmp_path / "sq.pt")
+    argv = ["explain-dataset", "--model", "squeezenet1_1", "--model-arg", "num_classes=3",
+            "--checkpoint", str(tmp_path / "sq.pt"), "--npz", str(tmp_path / "rgb.npz"),
+            "--input-size", "3", "32", "32", "--mean", "0", "--std", "1", "--method",
+            "gradcampp", "--layer", "features.4", "--target", "2", "--map-dtype", "float32",
+            "--out", str(tmp_path / "out")]
+    assert _cli(argv) == 0, capsys.readouterr().err
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    expected = GradCAMPlusPlus(net, target_layer="features.4")(x, 2).maps.numpy()
+    result = load_explanations(tmp_path / "out")
+    assert result.records["target"].tolist() == [2] * len(images)
+    np.testing.assert_allclose(result.maps(np.arange(len(images))), expected, atol=1e-5)
+
+    # A whole pickled model: refused unless --trust-pickle, then its weights are used.
+    torch.save(net, tmp_path / "whole.pt")
+    argv[argv.index("--checkpoint") + 1] = str(tmp_path / "whole.pt")
+    assert _cli(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--trust-pickle" in err[0], err
+    argv[argv.index("--out") + 1] = str(tmp_path / "trusted")
+    assert _cli([*argv, "--trust-pickle"]) == 0, capsys.readouterr().err
+    trusted = load_explanations(tmp_path / "trusted").maps(np.arange(len(images)))
+    np.testing.assert_allclose(trusted, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--input-size", "3", "8", "8"], "has 1-channel images but --input-size asks for 3"),
+        (["--input-size", "2", "8", "8"], "1 (grayscale) or 3 (RGB)"),
+        (["--checkpoint", "{dir}/missing.pt"], "checkpoint file"),
+        (["--device", "tpu:x"], "is not a torch device"),
+        (["--model", "resnet1"], "Did you mean resnet18"),
+        (["--mean", "0", "0"], "--mean has 2 values for 1-channel images"),
+    ],
+)
+def test_cli_errors_are_one_line(tmp_path, capsys, extra, message) -> None:
+    _npz(tmp_path / "grey.npz", 1, size=8)
+    argv = ["explain-dataset", "--model", "torch.nn:Conv2d", "--model-arg", "in_channels=1",
+            "--model-arg", "out_channels=2", "--model-arg", "kernel_size=3",
+            "--npz", str(tmp_path / "grey.npz"), "--out", str(tmp_path / "out"),
+            *(e.format(dir=tmp_path) for e in extra)]
+    assert _cli(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("camkit explain-dataset: error: "), lines
+    assert message in lines[0]
+
+
+def test_cli_target_is_checked_by_the_parser(tmp_path, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        _cli(["explain-dataset", "--model", "resnet18", "--npz", "x.npz", "--out", "o",
+              "--target", "top"])
+    assert exit_info.value.code == 2
+    assert "'top' is not pred, label or a class index" in capsys.readouterr().err

@@ -1,8 +1,11 @@
 """``camkit explain-dataset``: explain an image folder or an ``.npz`` of images from the shell.
 
-    camkit explain-dataset --model torchvision.models:resnet18 --weights r18.pt \\
-        --images val/ --size 224 224 --mean 0.485 0.456 0.406 --std 0.229 0.224 0.225 \\
-        --out cams/
+    camkit explain-dataset --model resnet18 --checkpoint r18.pt --images val/ \\
+        --input-size 3 224 224 --out cams/
+
+The model options (``--model``, ``--checkpoint``, ``--model-arg``, ``--input-size``,
+``--method``, ``--layer``, ``--target``, ...) and ``--mean`` / ``--std`` are those of
+``camkit explain``, defined once in :mod:`camkit._cli_models`.
 
 Under ``torchrun --nproc-per-node N -m camkit.cli explain-dataset ...`` the work is split
 over the processes (see ``camkit.explain_dataset``).
@@ -11,9 +14,6 @@ over the processes (see ``camkit.explain_dataset``).
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
-import json
 import os
 import sys
 from pathlib import Path
@@ -22,9 +22,15 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.utils.data import Dataset
 
+from camkit._cli_models import (
+    add_model_options,
+    add_normalisation_options,
+    cam_from_args,
+    model_from_args,
+    normalisation,
+)
 from camkit.errors import CamkitError
 
 __all__ = ["add_parser", "run"]
@@ -34,7 +40,11 @@ _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".
 
 # --------------------------------------------------------------------------- datasets
 class _Preprocess:
-    """uint8 or float ``(C, H, W)`` -> float32, resized, scaled to ``[0, 1]``, normalised."""
+    """uint8 or float ``(C, H, W)`` -> float32, resized, scaled to ``[0, 1]``, normalised.
+
+    ``mean`` / ``std`` are ``--mean`` / ``--std`` as given; their defaults depend on the
+    number of channels (see :func:`camkit._cli_models.normalisation`).
+    """
 
     def __init__(self, size: tuple[int, int] | None, mean: list[float] | None,
                  std: list[float] | None) -> None:
@@ -46,18 +56,16 @@ class _Preprocess:
         if self.size is not None and tuple(x.shape[-2:]) != self.size:
             x = F.interpolate(x[None], size=self.size, mode="bilinear", align_corners=False,
                               antialias=True)[0]
-        if self.mean is not None or self.std is not None:
-            channels = x.shape[0]
-            mean = torch.tensor(_per_channel(self.mean, channels, 0.0, "--mean"))
-            std = torch.tensor(_per_channel(self.std, channels, 1.0, "--std"))
-            x = (x - mean[:, None, None]) / std[:, None, None]
-        return x
+        channels = x.shape[0]
+        mean_given, std_given = normalisation(channels, self.mean, self.std)
+        mean = torch.tensor(_per_channel(list(mean_given), channels, "--mean"))
+        std = torch.tensor(_per_channel(list(std_given), channels, "--std"))
+        if bool((std <= 0).any()):
+            raise CamkitError(f"--std {std_given} must be positive.")
+        return (x - mean[:, None, None]) / std[:, None, None]
 
 
-def _per_channel(values: list[float] | None, channels: int, default: float,
-                 flag: str) -> list[float]:
-    if values is None:
-        return [default] * channels
+def _per_channel(values: list[float], channels: int, flag: str) -> list[float]:
     if len(values) == 1:
         return values * channels
     if len(values) != channels:
@@ -139,7 +147,8 @@ def _channels_first(images: np.ndarray, source: str) -> np.ndarray:
                       "(N, H, W, C) with 1 or 3 channels.")
 
 
-def _npz_dataset(args: argparse.Namespace, preprocess: _Preprocess) -> _ArrayImages:
+def _npz_dataset(args: argparse.Namespace, channels: int | None,
+                 preprocess: _Preprocess) -> _ArrayImages:
     path = Path(args.npz)
     if not path.is_file():
         raise CamkitError(f"--npz {path} is not a file.")
@@ -149,6 +158,10 @@ def _npz_dataset(args: argparse.Namespace, preprocess: _Preprocess) -> _ArrayIma
             raise CamkitError(f"{path} has no array {args.images_key!r} (--images-key); it holds "
                               f"{', '.join(keys)}.")
         images = _channels_first(data[args.images_key], f"{path}[{args.images_key!r}]")
+        if channels is not None and images.shape[1] != channels:
+            raise CamkitError(f"{path}[{args.images_key!r}] has {images.shape[1]}-channel "
+                              f"images but --input-size asks for {channels}; give "
+                              f"--input-size {images.shape[1]} H W.")
         labels = None
         if args.labels_key in keys:
             labels = np.asarray(data[args.labels_key]).astype(np.int64)
@@ -157,53 +170,6 @@ def _npz_dataset(args: argparse.Namespace, preprocess: _Preprocess) -> _ArrayIma
                                   f"expected ({len(images)},), one label per image.")
         classes = [str(c) for c in data["classes"]] if "classes" in keys else None
     return _ArrayImages(images, labels, preprocess, classes)
-
-
-# --------------------------------------------------------------------------- the model
-def _load_model(spec: str, kwargs: dict[str, Any], weights: str | None) -> nn.Module:
-    where, _, name = spec.rpartition(":")
-    if Path(spec).is_file():
-        model = torch.load(spec, map_location="cpu", weights_only=False)
-    elif where and name:
-        if where.endswith(".py"):
-            module_spec = importlib.util.spec_from_file_location(Path(where).stem, where)
-            if module_spec is None or module_spec.loader is None or not Path(where).is_file():
-                raise CamkitError(f"--model {spec}: {where} is not a Python file.")
-            module = importlib.util.module_from_spec(module_spec)
-            module_spec.loader.exec_module(module)
-        else:
-            if os.getcwd() not in sys.path:
-                sys.path.insert(0, os.getcwd())
-            try:
-                module = importlib.import_module(where)
-            except ImportError as err:
-                raise CamkitError(f"--model {spec}: cannot import {where} ({err}).") from err
-        if not hasattr(module, name):
-            raise CamkitError(f"--model {spec}: {where} has no attribute {name!r}.")
-        found = getattr(module, name)
-        model = found if isinstance(found, nn.Module) else found(**kwargs)
-    else:
-        raise CamkitError(
-            f"--model {spec!r} is neither a file saved with torch.save(model) nor "
-            "'package.module:name' / 'path/file.py:name' naming a module or a function "
-            "returning one."
-        )
-    if not isinstance(model, nn.Module):
-        raise CamkitError(f"--model {spec} gave a {type(model).__name__}, not a torch.nn.Module.")
-    if weights is not None:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        for key in ("state_dict", "model"):
-            if isinstance(state, dict) and isinstance(state.get(key), dict):
-                state = state[key]
-        model.load_state_dict(state)
-    return model
-
-
-def _device(text: str) -> torch.device:
-    device = torch.device(text)
-    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    return device
 
 
 # --------------------------------------------------------------------------- CLI
@@ -217,28 +183,25 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
             "aggregates and a report to --out. Rerunning with the same arguments resumes."
         ),
     )
-    model = parser.add_argument_group("model")
-    model.add_argument("--model", required=True, help=(
-        "'package.module:name' or 'path/file.py:name' (an nn.Module or a function returning "
-        "one), or a file saved with torch.save(model) (unpickled: trusted files only)"))
-    model.add_argument("--model-kwargs", default="{}", help="JSON keyword arguments for a "
-                       "model function, e.g. '{\"num_classes\": 10}'")
-    model.add_argument("--weights", help="state dict to load (torch.load, weights only)")
-    model.add_argument("--layer", help="target layer, dotted name (default: automatic)")
-    model.add_argument("--method", choices=("gradcam", "gradcam++"), default="gradcam")
-    model.add_argument("--device", default="cpu",
-                       help="cpu, cuda or cuda:N (cuda means cuda:$LOCAL_RANK under torchrun)")
+    add_model_options(
+        parser,
+        input_size=None,
+        input_size_help="read the images with C channels (1: grayscale, 3: RGB) and resize "
+        "them to H x W (default: folder images read as RGB, .npz arrays as stored, neither "
+        "resized)",
+        target_type=_target,
+        target_help="what to explain: pred (each image's top class, the default), label "
+        "(its label) or a class index",
+        device_help="cpu, cuda or cuda:N (default cpu; under torchrun, cuda means "
+        "cuda:$LOCAL_RANK)",
+    )
     data = parser.add_argument_group("data")
     source = data.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", help="image folder: one subfolder per class, or files")
     source.add_argument("--npz", help=".npz file with an images array and optional labels")
     data.add_argument("--images-key", default="images", help="array of images in --npz")
     data.add_argument("--labels-key", default="labels", help="array of labels in --npz")
-    data.add_argument("--channels", type=int, choices=(1, 3), default=3,
-                      help="read folder images as grayscale (1) or RGB (3)")
-    data.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="resize to H W")
-    data.add_argument("--mean", type=float, nargs="+", help="per-channel mean after /255")
-    data.add_argument("--std", type=float, nargs="+", help="per-channel std after /255")
+    add_normalisation_options(data)
     run_group = parser.add_argument_group("run")
     run_group.add_argument("--out", required=True, help="output folder")
     run_group.add_argument("--batch-size", type=int, default=32)
@@ -251,46 +214,56 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     run_group.add_argument("--no-report", action="store_true", help="skip report.md")
     run_group.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                            help="progress bar (default: when stderr is a terminal)")
-    parser.set_defaults(run=run)
+    parser.set_defaults(func=run)
     return parser
 
 
+def _target(text: str) -> str | int:
+    """``argparse`` type of ``--target``: ``pred``, ``label`` or a class index."""
+    if text in ("pred", "label"):
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not pred, label or a class index (a non-negative integer)"
+        )
+    return value
+
+
 def run(args: argparse.Namespace) -> int:
-    """Run ``explain-dataset``; returns the exit status (2 for bad input)."""
-    from camkit.cam import GradCAM, GradCAMPlusPlus
+    """Run ``explain-dataset``; bad input raises :class:`CamkitError` (``camkit`` exits 2)."""
     from camkit.dataset import explain_dataset
 
+    if args.input_size is None:
+        channels, size = None, None
+    else:
+        channels, height, width = args.input_size
+        if channels not in (1, 3):
+            raise CamkitError(f"explain-dataset reads images with 1 (grayscale) or 3 (RGB) "
+                              f"channels; --input-size asks for {channels}.")
+        size = (height, width)
+    cam = cam_from_args(args, model_from_args(args))
+    preprocess = _Preprocess(size, args.mean, args.std)
+    if args.images:
+        root = Path(args.images)
+        if not root.is_dir():
+            raise CamkitError(f"--images {root} is not a folder.")
+        dataset: Dataset = _FolderImages(root, channels or 3, preprocess)
+    else:
+        dataset = _npz_dataset(args, channels, preprocess)
     try:
-        kwargs = json.loads(args.model_kwargs)
-        if not isinstance(kwargs, dict):
-            raise CamkitError(f"--model-kwargs {args.model_kwargs!r} is not a JSON object.")
-        device = _device(args.device)
-        model = _load_model(args.model, kwargs, args.weights).to(device)
-        method = GradCAMPlusPlus if args.method == "gradcam++" else GradCAM
-        cam = method(model, target_layer=args.layer)
-        preprocess = _Preprocess(tuple(args.size) if args.size else None, args.mean, args.std)
-        if args.images:
-            root = Path(args.images)
-            if not root.is_dir():
-                raise CamkitError(f"--images {root} is not a folder.")
-            dataset: Dataset = _FolderImages(root, args.channels, preprocess)
-        else:
-            dataset = _npz_dataset(args, preprocess)
-        targets: Any = args.targets
-        if targets not in ("pred", "label"):
-            if not targets.isdigit():
-                raise CamkitError(f"--targets {targets!r}; expected pred, label or a class "
-                                  "index.")
-            targets = int(targets)
         result = explain_dataset(
             cam, dataset, args.out, batch_size=args.batch_size, num_workers=args.workers,
-            targets=targets, keep=args.keep, shard_size=args.shard_size,
-            map_dtype=args.map_dtype, aggregate_size=args.aggregate_size,
-            report=not args.no_report, progress=args.progress,
+            targets="pred" if args.target is None else args.target, keep=args.keep,
+            shard_size=args.shard_size, map_dtype=args.map_dtype,
+            aggregate_size=args.aggregate_size, report=not args.no_report,
+            progress=args.progress,
         )
-    except (CamkitError, json.JSONDecodeError, OSError) as err:
-        sys.stderr.write(f"camkit explain-dataset: error: {err}\n")
-        return 2
+    except OSError as err:
+        raise CamkitError(f"cannot read or write the files: {err}") from err
     if int(os.environ.get("RANK", "0")) == 0:
         overall = result.aggregates["overall"]
         accuracy = "" if overall["accuracy"] is None else \

@@ -15,17 +15,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from camkit._cli_models import build_model, load_checkpoint, parse_model_args
-from camkit.cam import GradCAM, GradCAMPlusPlus
+from camkit._cli_models import cam_from_args, model_from_args, normalisation
 from camkit.errors import CamkitError
 from camkit.viz import overlay
 
-__all__ = ["METHODS", "explain", "load_image", "to_tensor", "write_image"]
-
-METHODS = {"gradcam": GradCAM, "gradcampp": GradCAMPlusPlus}
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
+__all__ = ["explain", "load_image", "to_tensor", "write_image"]
 
 def _cv2() -> Any:
     import cv2
@@ -108,32 +102,12 @@ def write_image(path: str, rgb: np.ndarray) -> None:
     encoded.tofile(file)
 
 
-def _device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise CamkitError(f"--device {name!r} is not a torch device (e.g. cpu, cuda:0).") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CamkitError(f"--device {name!r}: this PyTorch build sees no CUDA device.")
-    return device
-
-
 def explain(args: argparse.Namespace) -> int:
     """Run ``camkit explain`` (see ``camkit explain --help``)."""
     channels, height, width = args.input_size
     image = load_image(args.image, channels)
-    if args.mean is None:
-        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.0,), (1.0,))
-    else:
-        mean, std = args.mean, args.std if args.std is not None else (1.0,)
-    batch = to_tensor(image, (height, width), mean, std)
-
-    model = build_model(args.model, parse_model_args(args.model_arg))
-    if args.checkpoint is not None:
-        load_checkpoint(model, args.checkpoint)
-    model.to(_device(args.device))
-
-    cam = METHODS[args.method](model, target_layer=args.layer)
+    batch = to_tensor(image, (height, width), *normalisation(channels, args.mean, args.std))
+    cam = cam_from_args(args, model_from_args(args))
     try:
         result = cam(batch, targets=args.target)
     except NotImplementedError:

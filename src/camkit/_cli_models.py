@@ -1,4 +1,8 @@
-"""Building the model that a ``camkit`` command names, and loading a checkpoint into it.
+"""The model options that ``camkit`` commands share; building the model and loading its weights.
+
+:func:`add_model_options` defines the flags of every command that explains with a model
+(``explain``, ``explain-dataset``); :func:`model_from_args` and :func:`cam_from_args` turn
+them into a model and a CAM.
 
 A model is named either by a torchvision model name (``resnet18``), built with
 ``weights=None`` (nothing is downloaded), or by a ``module:callable`` path
@@ -8,6 +12,7 @@ A model is named either by a torchvision model name (``resnet18``), built with
 
 from __future__ import annotations
 
+import argparse
 import ast
 import difflib
 import importlib
@@ -16,7 +21,7 @@ import os
 import pickle
 import sys
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -24,9 +29,33 @@ from typing import Any
 import torch
 from torch import nn
 
+from camkit.cam import GradCAM, GradCAMPlusPlus
 from camkit.errors import CamkitError
 
-__all__ = ["build_model", "load_checkpoint", "parse_model_args"]
+__all__ = [
+    "METHODS",
+    "MODEL_HELP",
+    "add_input_size_option",
+    "add_model_arg_option",
+    "add_model_options",
+    "add_normalisation_options",
+    "build_model",
+    "cam_from_args",
+    "load_checkpoint",
+    "model_from_args",
+    "normalisation",
+    "parse_model_args",
+    "positive_int",
+    "resolve_device",
+]
+
+METHODS = {"gradcam": GradCAM, "gradcampp": GradCAMPlusPlus}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+MODEL_HELP = (
+    "a torchvision model name (e.g. resnet18, built without pretrained weights) or "
+    "module:callable / path/to/file.py:callable returning a torch.nn.Module"
+)
 
 # Keys under which training scripts commonly nest the weights in a checkpoint dictionary.
 _STATE_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
@@ -34,6 +63,131 @@ _STATE_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
+# --------------------------------------------------------------------------- options
+def positive_int(text: str) -> int:
+    """``argparse`` type: a positive integer."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not positive")
+    return value
+
+
+def add_model_arg_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """Add the repeatable ``--model-arg KEY=VALUE``."""
+    parser.add_argument(
+        "--model-arg",
+        action="append",
+        metavar="KEY=VALUE",
+        help="keyword argument for building the model (repeatable), e.g. num_classes=10; "
+        "values are read as Python literals when possible",
+    )
+
+
+def add_input_size_option(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    default: tuple[int, int, int] | None,
+    help_text: str,
+) -> None:
+    """Add ``--input-size C H W`` (positive integers)."""
+    parser.add_argument(
+        "--input-size",
+        nargs=3,
+        type=positive_int,
+        metavar=("C", "H", "W"),
+        default=default,
+        help=help_text,
+    )
+
+
+def add_model_options(
+    parser: argparse.ArgumentParser,
+    *,
+    input_size: tuple[int, int, int] | None,
+    input_size_help: str,
+    target_type: Any,
+    target_help: str,
+    device_help: str = "torch device (default cpu)",
+) -> None:
+    """Add the flags of a command that explains with a model, in a "model" group.
+
+    ``--model``, ``--checkpoint``, ``--trust-pickle``, ``--model-arg``, ``--input-size``,
+    ``--method``, ``--layer``, ``--target`` and ``--device``. Only the defaults and help of
+    ``--input-size``, ``--target`` and ``--device`` differ between commands.
+    """
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", required=True, help=MODEL_HELP)
+    group.add_argument(
+        "--checkpoint", help="weights to load: a state dict saved with "
+        "torch.save(model.state_dict(), path), possibly nested under 'state_dict', 'model', ..."
+    )
+    group.add_argument(
+        "--trust-pickle", action="store_true", help="let --checkpoint hold pickled Python "
+        "objects (e.g. a whole model saved with torch.save(model)); unpickling runs code "
+        "from the file, so use it only for files you trust"
+    )
+    add_model_arg_option(group)
+    add_input_size_option(group, input_size, input_size_help)
+    group.add_argument("--method", choices=tuple(METHODS), default="gradcam",
+                       help="gradcam (default) or gradcampp (Grad-CAM++)")
+    group.add_argument(
+        "--layer", help="dotted name of the target layer (default: chosen automatically; "
+        "see camkit layers)"
+    )
+    group.add_argument("--target", type=target_type, help=target_help)
+    group.add_argument("--device", default="cpu", help=device_help)
+
+
+def add_normalisation_options(parser: argparse.ArgumentParser) -> None:
+    """Add ``--mean`` and ``--std``, applied after pixels are scaled to ``[0, 1]``."""
+    parser.add_argument(
+        "--mean", type=float, nargs="+", help="per-channel mean subtracted after scaling "
+        "pixels to [0, 1] (default: ImageNet's for RGB, 0 for grayscale)"
+    )
+    parser.add_argument(
+        "--std", type=float, nargs="+", help="per-channel divisor (default: ImageNet's for "
+        "RGB, 1 for grayscale; 1 when only --mean is given)"
+    )
+
+
+def normalisation(
+    channels: int, mean: Sequence[float] | None, std: Sequence[float] | None
+) -> tuple[Sequence[float], Sequence[float]]:
+    """The ``(mean, std)`` that ``--mean`` / ``--std`` (or their defaults) give ``channels``."""
+    if mean is None and std is None:
+        return (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.0,), (1.0,))
+    return (mean if mean is not None else (0.0,)), (std if std is not None else (1.0,))
+
+
+def resolve_device(name: str) -> torch.device:
+    """``--device`` as a torch device; under torchrun a bare ``cuda`` is ``cuda:$LOCAL_RANK``."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise CamkitError(f"--device {name!r} is not a torch device (e.g. cpu, cuda:0).") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CamkitError(f"--device {name!r}: this PyTorch build sees no CUDA device.")
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return device
+
+
+def model_from_args(args: argparse.Namespace) -> nn.Module:
+    """Build ``--model`` with ``--model-arg``, load ``--checkpoint``, move it to ``--device``."""
+    model = build_model(args.model, parse_model_args(args.model_arg))
+    if args.checkpoint is not None:
+        load_checkpoint(model, args.checkpoint, trust_pickle=args.trust_pickle)
+    return model.to(resolve_device(args.device))
+
+
+def cam_from_args(args: argparse.Namespace, model: nn.Module) -> GradCAM:
+    """The ``--method`` CAM on ``model`` at ``--layer``."""
+    return METHODS[args.method](model, target_layer=args.layer)
+
+
+# --------------------------------------------------------------------------- building
 def parse_model_args(items: list[str] | None) -> dict[str, Any]:
     """Turn ``["num_classes=10", "name=resnet18"]`` into keyword arguments.
 
@@ -154,13 +308,19 @@ def _import(module_part: str) -> ModuleType:
         ) from err
 
 
-def load_checkpoint(model: nn.Module, path: str | os.PathLike[str]) -> None:
+# --------------------------------------------------------------------------- loading
+def load_checkpoint(
+    model: nn.Module, path: str | os.PathLike[str], *, trust_pickle: bool = False
+) -> None:
     """Load the weights saved at ``path`` into ``model``.
 
     Accepts ``torch.save(model.state_dict(), path)`` files and dictionaries that hold such a
     state dict under a common key (``state_dict``, ``model_state_dict``, ``model``, ...).
     Prefixes added by ``DataParallel`` (``module.``) and ``torch.compile`` (``_orig_mod.``)
-    are removed. Files are read with ``weights_only=True``: a pickled model object is refused.
+    are removed. Files are read with ``weights_only=True``; a file holding other pickled
+    objects (a whole model saved with ``torch.save(model)``, an optimizer's settings) is
+    refused unless ``trust_pickle`` is true. A trusted whole model gives its state dict:
+    its weights are loaded into ``model``, which must have the same architecture.
     """
     file = Path(path)
     if not file.is_file():
@@ -168,17 +328,23 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike[str]) -> None:
     try:
         loaded = torch.load(file, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
-        if zipfile.is_zipfile(file):
-            why = (
-                "it holds objects other than tensors and plain containers (a pickled model?), "
-                "which camkit does not unpickle"
-            )
+        if trust_pickle:
+            loaded = _load_trusted(file, path)
+        elif zipfile.is_zipfile(file):
+            raise CamkitError(
+                f"checkpoint {str(path)!r} holds pickled Python objects besides tensors (a "
+                "whole pickled model, saved with torch.save(model)?), which camkit does not "
+                "unpickle unless asked: unpickling can run code from the file. If you trust "
+                "it, add --trust-pickle; better, save the weights with "
+                "torch.save(model.state_dict(), path)."
+            ) from err
         else:
-            why = "it is not a file written by torch.save"
-        raise CamkitError(
-            f"cannot read checkpoint {str(path)!r}: {why}. Save the weights with "
-            "torch.save(model.state_dict(), path)."
-        ) from err
+            raise CamkitError(
+                f"cannot read checkpoint {str(path)!r}: it is not a file written by "
+                "torch.save. Save the weights with torch.save(model.state_dict(), path)."
+            ) from err
+    if isinstance(loaded, nn.Module):
+        loaded = loaded.state_dict()
     state = _find_state_dict(loaded, path)
     expected = model.state_dict()
     state = _strip_wrapper_prefix(state, expected)
@@ -206,6 +372,29 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike[str]) -> None:
             "e.g. num_classes=10)."
         )
     model.load_state_dict(state)
+
+
+def _load_trusted(file: Path, path: str | os.PathLike[str]) -> Any:
+    try:
+        return torch.load(file, map_location="cpu", weights_only=False)
+    except (pickle.UnpicklingError, EOFError) as err:
+        raise CamkitError(
+            f"cannot read checkpoint {str(path)!r}: it is not a file written by torch.save."
+        ) from err
+    except (ImportError, AttributeError) as err:
+        raise CamkitError(
+            f"cannot unpickle checkpoint {str(path)!r}: {err}. The classes it was saved with "
+            "must be importable under the same module names."
+        ) from err
+    except RuntimeError as err:
+        raise CamkitError(
+            f"cannot read checkpoint {str(path)!r}: {_first_line(err)}"
+        ) from err
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _is_state_dict(obj: Any) -> bool:

@@ -6,6 +6,11 @@
     camkit rf MODEL --input-size 3 224 224          # the receptive field of every layer
     camkit explain IMAGE --model MODEL --out cam.png [--checkpoint PATH] [--target N]
                    [--layer NAME] [--method gradcam|gradcampp]
+    camkit explain-dataset --model MODEL (--images DIR | --npz FILE) --out DIR [...]
+
+``explain`` and ``explain-dataset`` share their model options (``--model``, ``--checkpoint``,
+``--trust-pickle``, ``--model-arg``, ``--input-size``, ``--method``, ``--layer``, ``--target``,
+``--device``), defined once in :func:`camkit._cli_models.add_model_options`.
 
 ``MODEL`` is a torchvision model name (built with ``weights=None``; torchvision is imported
 only then) or a ``module:callable`` / ``path/to/file.py:callable`` that returns a
@@ -22,50 +27,19 @@ import sys
 from collections.abc import Callable, Sequence
 from types import ModuleType
 
+from camkit._cli_models import (
+    MODEL_HELP,
+    add_input_size_option,
+    add_model_arg_option,
+    add_model_options,
+    add_normalisation_options,
+)
 from camkit._version import __version__
 from camkit.errors import CamkitError
 
 __all__ = ["build_parser", "main"]
 
 _DATASET_MODULE = "camkit._cli_dataset"
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text} is not positive")
-    return value
-
-
-def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model-arg",
-        action="append",
-        metavar="KEY=VALUE",
-        help="keyword argument for building the model (repeatable), e.g. num_classes=10; "
-        "values are read as Python literals when possible",
-    )
-
-
-def _add_input_size(parser: argparse.ArgumentParser, default: tuple[int, int, int] | None,
-                    help_text: str) -> None:
-    parser.add_argument(
-        "--input-size",
-        nargs=3,
-        type=_positive_int,
-        metavar=("C", "H", "W"),
-        default=default,
-        help=help_text,
-    )
-
-
-def _model_help() -> str:
-    return (
-        "a torchvision model name (e.g. resnet18, built without pretrained weights) or "
-        "module:callable / path/to/file.py:callable returning a torch.nn.Module"
-    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,11 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="list the layers a CAM can target",
         description="Print the model's layers that a CAM can target (camkit.list_layers).",
     )
-    layers.add_argument("model", metavar="MODEL", help=_model_help())
-    _add_input_size(
+    layers.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    add_input_size_option(
         layers, None, "input size for a dry run that adds each layer's output shape"
     )
-    _add_model_options(layers)
+    add_model_arg_option(layers)
     layers.set_defaults(func=_run_layers)
 
     rf = sub.add_parser(
@@ -98,9 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print each layer's receptive field: size, stride and padding per axis "
         "(camkit.receptive_field).",
     )
-    rf.add_argument("model", metavar="MODEL", help=_model_help())
-    _add_input_size(rf, (3, 224, 224), "input size to trace the model with (default 3 224 224)")
-    _add_model_options(rf)
+    rf.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    add_input_size_option(
+        rf, (3, 224, 224), "input size to trace the model with (default 3 224 224)"
+    )
+    add_model_arg_option(rf)
     rf.set_defaults(func=_run_rf)
 
     explain = sub.add_parser(
@@ -110,38 +86,21 @@ def build_parser() -> argparse.ArgumentParser:
         "heat map blended over the image.",
     )
     explain.add_argument("image", metavar="IMAGE", help="image file (PNG, JPEG, ...)")
-    explain.add_argument("--model", required=True, help=_model_help())
     explain.add_argument("--out", required=True, help="output image file, e.g. cam.png")
-    explain.add_argument("--checkpoint", help="state dict saved with torch.save")
-    explain.add_argument(
-        "--target", type=int, help="class index to explain (default: the top class)"
-    )
-    explain.add_argument(
-        "--layer", help="dotted name of the target layer (default: chosen automatically; "
-        "see camkit layers)"
-    )
-    explain.add_argument("--method", choices=("gradcam", "gradcampp"), default="gradcam")
-    _add_input_size(
+    add_model_options(
         explain,
-        (3, 224, 224),
-        "size the image is resized to before the model sees it; C is 1 (grayscale) or 3 "
-        "(RGB) (default 3 224 224)",
+        input_size=(3, 224, 224),
+        input_size_help="size the image is resized to before the model sees it; C is 1 "
+        "(grayscale) or 3 (RGB) (default 3 224 224)",
+        target_type=int,
+        target_help="class index to explain (default: the top class)",
     )
-    explain.add_argument(
-        "--mean", type=float, nargs="+", help="per-channel mean subtracted after scaling "
-        "pixels to [0, 1] (default: ImageNet's for RGB, 0 for grayscale)"
-    )
-    explain.add_argument(
-        "--std", type=float, nargs="+", help="per-channel divisor (default: ImageNet's for "
-        "RGB, 1 for grayscale; 1 when only --mean is given)"
-    )
+    add_normalisation_options(explain)
     explain.add_argument(
         "--alpha", type=float, default=0.5, help="weight of the heat map in the blend "
         "(default 0.5)"
     )
     explain.add_argument("--colormap", default="jet", help="OpenCV colormap (default jet)")
-    explain.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    _add_model_options(explain)
     explain.set_defaults(func=_run_explain)
 
     _register_dataset_command(sub)
