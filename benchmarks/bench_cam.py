@@ -31,7 +31,8 @@ if HERE not in sys.path:
 from _pool import ALLOCATORS, Launcher  # noqa: E402
 from _runners import CAM_COMPETITORS, FLOORS, METHODS, supports  # noqa: E402
 
-RESULTS = os.path.join(HERE, "results")
+# CAMKIT_BENCH_RESULTS redirects the output (the smoke test writes to a temporary folder)
+RESULTS = os.environ.get("CAMKIT_BENCH_RESULTS", os.path.join(HERE, "results"))
 README = os.path.join(HERE, "README.md")
 TARGET_MODELS = ("resnet18", "mobilenet_v2")
 TARGET_BATCH = 32

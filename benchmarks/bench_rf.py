@@ -27,10 +27,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
-RESULTS = os.path.join(HERE, "results")
+# CAMKIT_BENCH_RESULTS redirects the output (the smoke test writes to a temporary folder)
+RESULTS = os.environ.get("CAMKIT_BENCH_RESULTS", os.path.join(HERE, "results"))
 MODELS = ["resnet152", "densenet201", "efficientnet_b7", "convnext_large"]
 TOOLS = ["camkit", "torchscan"]
-#: The layer whose receptive field is reported next to the timing (both tools' value).
+#: The layer whose receptive field is reported next to the timing (both tools' value); other
+#: models use the layer camkit's Grad-CAM would pick.
 PROBE = {
     "resnet152": "layer4",
     "densenet201": "features",
@@ -64,6 +66,13 @@ def _torchscan(model, size):
         return _torchscan_probe(report, layer)
 
     return run, probe
+
+
+def _default_layer(model) -> str:
+    """The target layer camkit picks for ``model`` (outside the timed calls)."""
+    import camkit
+
+    return camkit.GradCAM(model).layer
 
 
 def _first(value):
@@ -113,11 +122,11 @@ def run_one(model_name: str, tool: str, size: int, reps: int, threads: int) -> d
             result = run()
             times.append(time.perf_counter() - start)
         record["times_s"] = times
+        layer = PROBE.get(model_name) or _default_layer(model)
         try:
-            layer = PROBE[model_name]
             record["probe"] = {"layer": layer, **(probe(result, layer) or {})}
         except Exception as err:  # the value is informative only
-            record["probe"] = {"layer": PROBE[model_name], "error": repr(err)}
+            record["probe"] = {"layer": layer, "error": repr(err)}
         record["ok"] = True
     except Exception as err:
         record.update(ok=False, error=f"{type(err).__name__}: {err}")

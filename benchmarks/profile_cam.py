@@ -34,7 +34,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
-RESULTS = os.path.join(HERE, "results")
+# CAMKIT_BENCH_RESULTS redirects the output (the smoke test writes to a temporary folder)
+RESULTS = os.environ.get("CAMKIT_BENCH_RESULTS", os.path.join(HERE, "results"))
 
 
 class _Clock:
