@@ -1,6 +1,7 @@
 """Throughput of ``camkit.explain_dataset`` against plain batched inference on the same loader.
 
     python benchmarks/bench_dataset.py [--images 512] [--size 64] [--batch-size 32]
+                                       [--shard-size 128]
 
 Configurations, in images per second (median of ``--repeats``):
 
@@ -9,6 +10,10 @@ Configurations, in images per second (median of ``--repeats``):
 * ``explain_dataset`` with 1 process, ``keep="maps"`` (float16) and ``keep="stats"``;
 * ``explain_dataset`` with 2 processes (gloo over 127.0.0.1, each with half the threads), timed
   inside the processes from a barrier to the end of the call (start-up excluded).
+
+Shards are the unit of distribution, so ``--shard-size`` (default four batches) is kept well
+below ``--images``: with the library's default of about 1024 images a 512-image run is one
+shard, and the second process would have nothing to do.
 
 The single-process configurations are interleaved (A B C D A B C D ...) so drift in the
 machine's load hits all of them; the load average is printed before and after. The model is
@@ -56,12 +61,12 @@ def time_cam_loop(cam, loader) -> float:
     return time.perf_counter() - start
 
 
-def time_explain(cam, dataset, batch_size: int, keep: str, out: Path) -> float:
+def time_explain(cam, dataset, batch_size: int, shard_size: int, keep: str, out: Path) -> float:
     from camkit.dataset import explain_dataset
 
     start = time.perf_counter()
-    explain_dataset(cam, dataset, out, batch_size=batch_size, keep=keep, progress=False,
-                    report=False)
+    explain_dataset(cam, dataset, out, batch_size=batch_size, shard_size=shard_size, keep=keep,
+                    progress=False, report=False)
     return time.perf_counter() - start
 
 
@@ -82,7 +87,8 @@ def _rank(rank: int, world: int, port: int, args, root: str, results) -> None:
         for repeat in range(args.repeats):
             out = Path(root) / f"two-{repeat}"
             dist.barrier()
-            times.append(time_explain(cam, dataset, args.batch_size, "maps", out))
+            times.append(time_explain(cam, dataset, args.batch_size, args.shard_size, "maps",
+                                      out))
             dist.barrier()
             if rank == 0:
                 shutil.rmtree(out)
@@ -110,10 +116,14 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--shard-size", type=int, default=None,
+                        help="images per shard (default: four batches)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--skip-two", action="store_true", help="skip the 2-process runs")
     args = parser.parse_args()
+    if args.shard_size is None:
+        args.shard_size = 4 * args.batch_size
     torch.set_num_threads(args.threads)
 
     from camkit import GradCAM
@@ -135,7 +145,7 @@ def main() -> None:
         for keep in ("maps", "stats"):
             out = root / f"one-{keep}-{repeat}"
             timings[f"explain_dataset {keep}, 1 proc"].append(
-                time_explain(cam, dataset, args.batch_size, keep, out))
+                time_explain(cam, dataset, args.batch_size, args.shard_size, keep, out))
             shutil.rmtree(out)
     if not args.skip_two:
         timings["explain_dataset maps, 2 procs"] = two_processes(args, root)
@@ -143,7 +153,8 @@ def main() -> None:
     shutil.rmtree(root, ignore_errors=True)
 
     print(f"resnet18, {args.images} images 3x{args.size}x{args.size}, batch {args.batch_size}, "
-          f"{args.threads} threads in total, {args.repeats} repeats")
+          f"shards of {args.shard_size}, {args.threads} threads in total, "
+          f"{args.repeats} repeats")
     print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f}")
     floor = statistics.median(timings["cam loop"])
     forward = statistics.median(timings["forward"])

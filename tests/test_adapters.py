@@ -150,8 +150,8 @@ TIMM = [
     ("mobilenetv4_conv_small", "timm MobileNetV3", "blocks"),
     pytest.param("lcnet_050", "timm MobileNetV3", "blocks", marks=_slow),
     pytest.param("densenet121", None, None, marks=_slow),
-    ("regnety_002", None, None),
-    ("convnext_atto", None, None),
+    ("regnety_002", None, "s4"),  # not final_conv, an nn.Identity after s4
+    ("convnext_atto", None, "stages"),  # not norm_pre, an nn.Identity after stages
     pytest.param("ghostnet_100", None, None, marks=_slow),
 ]
 
@@ -175,6 +175,46 @@ def test_timm_canonical_size_used_for_dry_run() -> None:
     # tf_efficientnetv2_b0 is trained at 192 px; timm records it in pretrained_cfg.
     model = timm_model("tf_efficientnetv2_b0")
     assert list_layers(model).input_shape == (1, 3, 192, 192)
+
+
+def test_adapter_layer_is_checked_on_the_real_input() -> None:
+    # At 32 px (CIFAR images into an ImageNet ResNet) layer4 is 1x1: a CAM with nothing to
+    # localise. With the real input known, camkit checks and falls back to the heuristic.
+    model = meta_torchvision("resnet18")
+    small, large = (torch.empty(2, 3, s, s, device="meta") for s in (32, 64))
+    assert resolve_target_layers(model, None) == [("layer4", model.layer4)]  # nothing runs
+    assert resolve_target_layers(model, None, large)[0][0] == "layer4"
+    assert resolve_target_layers(model, None, small)[0][0] == "layer3"
+    table = list_layers(model, input_size=32)
+    assert table.picked == "layer3" and table["layer4"].output == (1, 512, 1, 1)
+    assert "adapter's 'layer4' gives (1, 512, 1, 1)" in str(table)
+
+
+def test_adapter_kept_when_the_check_cannot_run() -> None:
+    class Exploding(_Tiny):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("no dry runs here")
+
+    mine = register(Adapter("tiny", lambda m: isinstance(m, Exploding), lambda m: "stem",
+                            lambda m: (1, 8, 8)))  # fmt: skip
+    try:
+        model = Exploding()
+        assert resolve_target_layers(model, None, torch.randn(1, 1, 8, 8))[0][0] == "stem"
+        assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == 0
+    finally:
+        unregister(mine)
+
+
+def test_wrapped_resnet_found_by_the_heuristic() -> None:
+    # No adapter sees through nn.Sequential(normalize, resnet); the heuristic finds layer4.
+    class Normalize(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return (x - 0.45) / 0.225
+
+    resnet = meta_torchvision("resnet18")
+    wrapped = nn.Sequential(Normalize(), resnet)
+    assert find_adapter(wrapped) is None
+    assert resolve_target_layers(wrapped, None) == [("1.layer4", resnet.layer4)]
 
 
 # --------------------------------------------------------------------------- registry

@@ -90,6 +90,8 @@ def test_callable_targets_with_several_scores(tiny: Tiny, x: torch.Tensor) -> No
         (lambda out: out[None], "must return a \\(N,\\) or \\(N, K\\) tensor"),
         (lambda out: out[:2, 0], "2 scores for a batch of 3"),
         ("cat", "cannot be read as class indices|integers"),
+        (torch.zeros(3, 0, dtype=torch.long), "no class to explain"),
+        (lambda out: out[:, :0], "no class to explain"),
     ],
 )
 def test_bad_targets(tiny: Tiny, x: torch.Tensor, targets, message: str) -> None:
@@ -112,6 +114,75 @@ def test_tuple_and_dict_outputs_need_a_selector(x: torch.Tensor) -> None:
         GradCAM(TupleOut().eval(), "top", output=lambda out: out[0])(x, 1).maps.shape,
         expected.shape,
     )
+
+
+class TwoHeads(nn.Module):
+    """Two independent branches, one per output: branch ``a`` does not feed ``out[1]``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3)
+        self.b = nn.Conv2d(3, 4, 3)
+        self.fa = nn.Linear(4, 2)
+        self.fb = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.fa(self.a(x).mean(dim=(2, 3))), self.fb(self.b(x).mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("layers", ["a", ["b", "a"]])
+@pytest.mark.parametrize("targets", [0, torch.tensor([[0, 1], [1, 0]])])
+def test_layer_off_the_path_to_the_output_is_named(layers, targets) -> None:
+    # b's parameters require grad, so out[1] has a graph; it just does not reach 'a'.
+    model = TwoHeads().eval()
+    with pytest.raises(CamkitError, match=r"do not depend on target layer\(s\) 'a'"):
+        GradCAM(model, layers, output=1)(torch.randn(2, 3, 8, 8), targets)
+
+
+class _NumpySquare(torch.autograd.Function):
+    """x ** 2 with a backward in numpy, which the batched (vmap) backward cannot run."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        return torch.from_numpy(2 * x.numpy() * grad.numpy())
+
+
+class NumpyHead(Tiny):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.top(_NumpySquare.apply(self.body(x)))
+        return self.fc(features.amax(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("cls", [GradCAM, GradCAMPlusPlus])
+def test_several_classes_fall_back_to_a_loop_when_batched_backward_fails(cls, x) -> None:
+    torch.manual_seed(0)
+    model = NumpyHead().eval()
+    classes = torch.tensor([[0, 4], [2, 2], [3, 1]])
+    both = cls(model, "body")(x, classes)
+    for k in range(2):
+        single = cls(model, "body")(x, classes[:, k])
+        torch.testing.assert_close(both.maps[:, k], single.maps)
+
+
+class ToFloat(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float() / 255
+
+
+def test_integer_images_reach_a_model_that_converts_them(x: torch.Tensor) -> None:
+    torch.manual_seed(0)
+    tiny = Tiny().eval()
+    model = nn.Sequential(ToFloat(), tiny).eval()
+    images = (x * 40 + 128).clamp(0, 255).to(torch.uint8)
+    result = GradCAM(model, "1.top")(images, [0, 1, 2])
+    expected = GradCAM(tiny, "top")(images.float() / 255, [0, 1, 2])
+    torch.testing.assert_close(result.maps, expected.maps)
 
 
 @pytest.mark.parametrize(

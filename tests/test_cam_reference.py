@@ -110,6 +110,18 @@ def test_map_without_positive_value_is_zero_and_flagged() -> None:
     np.testing.assert_allclose(signed.raw[0].numpy(), expected, rtol=1e-6)
 
 
+@pytest.mark.parametrize("cls", [GradCAM, GradCAMPlusPlus])
+def test_one_by_one_final_map_is_flagged_not_rounding_noise(cls) -> None:
+    # resnet18 on 32 x 32 images: layer4 is 1 x 1. Its upsampled map is constant up to
+    # float32 rounding, which min-max scaling must not blow up into a [0, 1] pattern.
+    torch.manual_seed(4)
+    model = torchvision.models.resnet18(weights=None, num_classes=5).eval()
+    result = cls(model, "layer4")(torch.randn(3, 3, 32, 32))  # top classes
+    assert result.raw.shape == (3, 1, 1) and (result.raw > 0).any()
+    assert result.degenerate.all()
+    assert torch.equal(result.maps, torch.zeros_like(result.maps))
+
+
 # ----------------------------------------------------------------- float64 re-computation
 class ConvHead(nn.Module):
     """A head that is not GAP + linear: a conv, then attention-weighted pooling."""

@@ -50,9 +50,19 @@ def test_parameters_untouched_and_frozen_model_works(resnet, images) -> None:
     flags = [p.requires_grad for p in resnet.parameters()]
     before = [p.detach().clone() for p in resnet.parameters()]
     GradCAMPlusPlus(resnet, "layer3")(images)
+    GradCAM(resnet, "layer3")(images, torch.tensor([[0, 1], [2, 3]]))  # the batched backward
     assert [p.requires_grad for p in resnet.parameters()] == flags
     assert all(p.grad is None for p in resnet.parameters())
     assert all(torch.equal(a, b) for a, b in zip(before, resnet.parameters()))
+
+    # Gradients a training loop has accumulated are left exactly as they were.
+    for p in resnet.parameters():
+        p.grad = torch.full_like(p, 0.5)
+    try:
+        GradCAM(resnet, "layer4")(images, torch.tensor([[0, 1], [2, 3]]))
+        assert all(torch.equal(p.grad, torch.full_like(p, 0.5)) for p in resnet.parameters())
+    finally:
+        resnet.zero_grad(set_to_none=True)
 
     resnet.requires_grad_(False)
     try:
@@ -63,18 +73,61 @@ def test_parameters_untouched_and_frozen_model_works(resnet, images) -> None:
     torch.testing.assert_close(frozen.maps, GradCAM(resnet, "layer4")(images, [1, 2]).maps)
 
 
+def test_graph_starts_at_the_target_layer_and_one_forward_serves_all_classes() -> None:
+    torch.manual_seed(8)
+    model = torchvision.models.resnet18(weights=None, num_classes=6).eval()
+    seen: dict[str, tuple[bool, bool]] = {}
+    forwards = []
+
+    def record(name: str):
+        def hook(module: nn.Module, inputs: object, output: torch.Tensor) -> None:
+            seen[name] = (torch.is_grad_enabled(), output.requires_grad)
+
+        return hook
+
+    handles = [
+        model.layer2.register_forward_hook(record("before")),
+        model.fc.register_forward_hook(record("after")),
+        model.register_forward_pre_hook(lambda module, inputs: forwards.append(1)),
+    ]
+    try:
+        GradCAMPlusPlus(model, "layer3")(torch.randn(2, 3, 64, 64), torch.tensor([[0, 1, 2]] * 2))
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert seen["before"] == (False, False)  # no autograd graph before the target layer
+    assert seen["after"] == (True, True)  # the head records one
+    assert len(forwards) == 1  # three classes per image, one forward pass
+
+
 def test_eval_during_call_and_mode_restored(images) -> None:
     torch.manual_seed(2)
     model = torchvision.models.resnet18(weights=None, num_classes=5)
     model.train()
     model.layer2.eval()  # a mixed state must come back exactly
     modes = [m.training for m in model.modules()]
-    stats = model.bn1.running_mean.clone()
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
     result = GradCAM(model, "layer4")(images)
+    GradCAMPlusPlus(model, "layer3")(images, torch.tensor([[0, 1], [2, 3]]))
     assert [m.training for m in model.modules()] == modes
-    assert torch.equal(model.bn1.running_mean, stats)  # eval: batch statistics not used
+    # eval: no batch statistics used, no running mean / var / num_batches_tracked updated
+    assert any(name.endswith("num_batches_tracked") for name in buffers)
+    assert all(torch.equal(b, buffers[name]) for name, b in model.named_buffers())
     model.eval()
     torch.testing.assert_close(GradCAM(model, "layer4")(images).maps, result.maps)
+
+
+def test_dropout_is_off_during_a_call_in_train_mode(images) -> None:
+    torch.manual_seed(9)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Dropout2d(0.5), nn.Conv2d(8, 8, 3), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.5), nn.Linear(8, 3),
+    ).train()
+    first = GradCAM(model, "1")(images, [0, 2])
+    for _ in range(3):
+        torch.testing.assert_close(GradCAM(model, "1")(images, [0, 2]).maps, first.maps)
+    assert model.training and model[2].training
+    torch.testing.assert_close(GradCAM(model.eval(), "1")(images, [0, 2]).maps, first.maps)
 
 
 def test_captured_activation_survives_inplace_ops_after_the_layer() -> None:
@@ -110,6 +163,35 @@ def _bn2_head_gradient(model: nn.Module, x: torch.Tensor, bn2: torch.Tensor) -> 
     logits = model.fc(torch.flatten(model.avgpool(out), 1))
     (grad,) = torch.autograd.grad(logits[0, 0], a)
     return grad
+
+
+def test_densenet_features_survive_the_inplace_relu_that_follows() -> None:
+    # DenseNet.forward: features = self.features(x); out = F.relu(features, inplace=True)
+    torch.manual_seed(10)
+    model = torchvision.models.DenseNet(
+        growth_rate=8, block_config=(2, 2), num_init_features=8, num_classes=4
+    ).eval()
+    x = torch.randn(2, 3, 48, 40)
+    seen = {}
+
+    def keep(module: nn.Module, inputs: object, output: torch.Tensor) -> None:
+        seen["a"] = output.detach().clone()
+
+    handle = model.features.register_forward_hook(keep)
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        handle.remove()
+    a = seen["a"]
+    assert (a < 0).any()  # norm5's output: the in-place ReLU would change it
+    classes = torch.tensor([1, 3])
+    result = GradCAM(model, "features")(x, classes, relu=False)
+    # Head: relu -> global mean -> linear, so dS/dA = [A > 0] * W[c] / (h w).
+    w = model.classifier.weight.detach()[classes]
+    grad = (a > 0).float() * w[:, :, None, None] / (a.shape[2] * a.shape[3])
+    expected = torch.einsum("nc,nchw->nhw", grad.mean(dim=(2, 3)), a)
+    torch.testing.assert_close(result.raw, expected, atol=1e-6, rtol=1e-5)
 
 
 class Exploding(nn.Module):
@@ -182,10 +264,60 @@ def test_two_cam_objects_do_not_see_each_other(resnet, images) -> None:
     assert _hook_count(resnet) == 0
 
 
+def test_a_cam_called_from_a_targets_callable_does_not_meet_the_outer_hooks(
+    resnet, images
+) -> None:
+    inner = GradCAMPlusPlus(resnet, "layer4")
+    expected_inner = inner(images, [3, 0])
+    got = {}
+
+    def targets(out: torch.Tensor) -> torch.Tensor:
+        got["inner"] = inner(images, [3, 0])  # the same model, while the outer call runs
+        return out[:, 1]
+
+    outer = GradCAM(resnet, "layer4")(images, targets)
+    torch.testing.assert_close(outer.maps, GradCAM(resnet, "layer4")(images, 1).maps)
+    torch.testing.assert_close(got["inner"].maps, expected_inner.maps)
+    assert _hook_count(resnet) == 0
+
+
 def test_module_running_twice_is_an_error_naming_block(resnet, images) -> None:
     with pytest.raises(CamkitError, match=r"'layer2\.0\.relu'.*2 times.*'layer2\.0'"):
         GradCAM(resnet, "layer2.0.relu")(images)
     assert _hook_count(resnet) == 0
+
+
+def test_module_running_three_times_reports_the_true_count() -> None:
+    # Bottleneck.relu runs three times per block.
+    torch.manual_seed(11)
+    model = torchvision.models.resnet.ResNet(
+        torchvision.models.resnet.Bottleneck, [1, 1, 1, 1], num_classes=3
+    )
+    with pytest.raises(CamkitError, match=r"'layer1\.0\.relu'.*3 times.*'layer1\.0'"):
+        GradCAM(model, "layer1.0.relu")(torch.randn(1, 3, 32, 32))
+    assert _hook_count(model) == 0
+
+
+class Recurrent(nn.Module):
+    """One block applied three times: no module around its ReLU runs once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.ReLU())
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(3):
+            x = self.block(x)
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def test_shared_module_without_a_single_run_parent_suggests_none() -> None:
+    model = Recurrent()
+    with pytest.raises(CamkitError, match=r"'block\.1'.*3 times.*No module enclosing") as info:
+        GradCAM(model, "block.1")(torch.randn(1, 3, 8, 8))
+    assert "'block'" not in str(info.value)  # 'block' runs three times too
+    assert _hook_count(model) == 0
 
 
 def test_layer_that_never_runs_is_an_error() -> None:
@@ -204,6 +336,9 @@ def test_scriptmodule_rejected_and_compiled_model_unwrapped(resnet) -> None:
     compiled = torch.compile(resnet)
     cam = GradCAM(compiled, "layer4")
     assert cam.model is resnet
+    x = torch.randn(1, 3, 32, 48)
+    torch.testing.assert_close(cam(x, 2).maps, GradCAM(resnet, "layer4")(x, 2).maps)
+    assert _hook_count(resnet) == 0
 
 
 def test_reduced_precision_models_give_float32_maps(images) -> None:

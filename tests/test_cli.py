@@ -321,6 +321,16 @@ def test_trusted_pickled_model_gives_its_weights(files, capsys, monkeypatch) -> 
     assert "cannot unpickle" in line and "_test_rampnet" in line
 
 
+def test_trusted_checkpoint_dict_holding_a_whole_model(files, capsys, monkeypatch) -> None:
+    # torch.save({"model": model, "epoch": ...}): the model under a common key.
+    monkeypatch.setitem(sys.modules, "_test_rampnet", files["module"])
+    nested = files["dir"] / "nested_whole.pt"
+    torch.save({"epoch": 7, "model": files["module"].trained()}, nested)
+    argv = _explain(files, "--checkpoint", str(nested), "--trust-pickle")
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    np.testing.assert_array_equal(_read_rgb(files["dir"] / "cam.png"), _jet(_ramp_image()))
+
+
 @pytest.mark.parametrize("command", ["explain", "layers"])
 def test_a_size_the_model_cannot_take(files, capsys, command) -> None:
     # The net expects 3 channels; a grayscale input cannot run.

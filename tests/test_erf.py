@@ -273,3 +273,10 @@ def test_result_type_and_dtype():
     assert erf.map.dtype == torch.float64 and erf.map.shape == (28, 20)
     assert erf.map.device.type == "cpu"
     assert erf.layer == "conv1"
+
+
+def test_meta_model_is_explained():
+    with torch.device("meta"):
+        model = _Small(positive=False)
+    with pytest.raises(CamkitError, match="meta device"):
+        effective_receptive_field(model, "conv2", input_size=(2, 16, 16))

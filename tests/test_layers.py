@@ -184,6 +184,42 @@ def test_enclosing_block_name() -> None:
     assert enclosing_block_name(model, "stage.1.relu", x16) == "stage"
 
 
+class PassThrough(nn.Module):
+    """stem -> stage -> an ``nn.Identity`` placeholder -> head, as timm's ConvNeXt
+    (``norm_pre``) or RegNet (``final_conv``) when the option is off."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = conv(3, 4, 2)
+        self.stage = nn.Sequential(conv(4, 4), nn.ReLU())
+        self.norm_pre = nn.Identity()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.norm_pre(self.stage(self.stem(x))).mean((2, 3)))
+
+
+def test_heuristic_prefers_the_maker_over_a_pass_through() -> None:
+    # stage, stage.1 and norm_pre return one tensor; norm_pre only hands it on.
+    assert _heuristic_layer(PassThrough(), x16)[0] == "stage"
+    assert list_layers(PassThrough(), input_size=16).picked == "stage"
+
+
+def test_pass_through_is_taken_when_the_makers_run_twice() -> None:
+    class TutorialOut(Tutorial):
+        def __init__(self) -> None:
+            super().__init__()
+            self.out = nn.Identity()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.pool(self.relu(self.conv1(x)))
+            x = self.out(self.pool(self.relu(self.conv2(x))))
+            return self.fc(x.flatten(1))
+
+    # The shared pool made the last map; the identity returning it is the one that ran once.
+    assert _heuristic_layer(TutorialOut(), x16)[0] == "out"
+
+
 class SEHead(nn.Module):
     """conv -> squeeze-and-excitation (1x1 convs on a 1x1 map) as the last thing before the
     pool, as in MobileNetV3 / EfficientNet blocks."""
@@ -278,6 +314,26 @@ def test_canonical_size_of_adapter_and_stem_channels() -> None:
     assert list_layers(gray, input_size=(20, 24)).input_shape == (1, 1, 20, 24)
 
 
+def lazy_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.LazyConv2d(8, 3, padding=1), nn.ReLU(), conv(8, 8, 2)).eval()
+
+
+def test_lazy_model_is_not_shaped_by_a_guessed_size() -> None:
+    # A dry run at a guessed size would fix the lazy conv's in_channels for good (and, reading
+    # the next conv, to 8): the grayscale model below could no longer run on its own images.
+    model = lazy_net()
+    for call in (lambda: list_layers(model), lambda: resolve_target_layers(model, None)):
+        with pytest.raises(CamkitError, match=r"lazy parameters \('0'\).*input_size"):
+            call()
+    assert isinstance(model[0], nn.LazyConv2d) and model[0].has_uninitialized_params()
+    gray = torch.randn(2, 1, 16, 16)
+    assert resolve_target_layers(model, None, gray)[0][0] == "2"  # the real batch: fine
+    assert model[0].in_channels == 1
+    # (H, W) alone: the lazy stem takes any channel count, so the default 3, not conv 2's 8.
+    assert list_layers(lazy_net(), input_size=(16, 16)).input_shape == (1, 3, 16, 16)
+
+
 # --------------------------------------------------------------------------- the dry run
 
 
@@ -317,6 +373,18 @@ def test_dry_run_failure_names_size_for_fixed_size_models() -> None:
         resolve_target_layers(model, None)
     assert resolve_target_layers(model, None, torch.randn(2, 3, 32, 32))[0][0] == "0"
     assert list_layers(model, input_size=32).picked == "0"
+
+
+def test_gradcam_dry_run_uses_the_first_call_shape() -> None:
+    # Works only at 32 px: `cam.layer` before a call tries 224 px and says so; the first call
+    # resolves on the real batch.
+    model = nn.Sequential(conv(3, 4, 2), nn.Flatten(), nn.Linear(4 * 16 * 16, 10)).eval()
+    cam = camkit.GradCAM(model)
+    with pytest.raises(CamkitError, match=r"\(1, 3, 224, 224\)"):
+        cam.layer  # noqa: B018
+    result = cam(torch.randn(2, 3, 32, 32))
+    assert result.layer == cam.layer == "0" and result.raw.shape == (2, 16, 16)
+    assert hooks_left(model) == 0
 
 
 # --------------------------------------------------------------------------- list_layers

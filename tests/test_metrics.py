@@ -228,6 +228,27 @@ def test_curve_input_errors(images) -> None:
         M.deletion(model, images, torch.full((3, SIZE, SIZE), float("nan")))
 
 
+def test_single_output_model_needs_a_score_other_than_probability(images) -> None:
+    # The softmax of one logit is 1 for every input: a flat curve that says nothing.
+    class OneLogit(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x[:, :, :QUAD, :QUAD].mean(dim=(1, 2, 3))[:, None]
+
+    maps = quadrant_map().expand(3, SIZE, SIZE)
+    with pytest.raises(CamkitError, match="single output"):
+        M.deletion(OneLogit(), images, maps, steps=4)
+    logit = M.deletion(OneLogit(), images, maps, steps=4, score="logit")
+    assert bool((logit.curve[:, 0] > logit.curve[:, -1]).all())
+
+
+def test_constant_and_all_zero_maps_give_finite_curves(images) -> None:
+    model = QuadrantModel()
+    for maps in (torch.zeros(3, SIZE, SIZE), torch.full((3, SIZE, SIZE), 7.0)):
+        for fn in (M.deletion, M.insertion):
+            result = fn(model, images, maps, steps=8)
+            assert bool(torch.isfinite(result.curve).all() & torch.isfinite(result.auc).all())
+
+
 @pytest.mark.parametrize("shape", [(2, 3, 12, 9), (1, 1, 4, 3)])
 def test_gaussian_blur_matches_scipy(shape) -> None:
     x = torch.rand(shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
@@ -351,6 +372,7 @@ def test_top_k_iou_matches_set_oracle() -> None:
     ramp = torch.arange(100.0).view(1, 10, 10)
     assert M.top_k_iou(ramp, ramp).item() == 1.0
     assert M.top_k_iou(ramp, -ramp, fraction=0.5).item() == 0.0
+    assert M.top_k_iou(ramp, -ramp, fraction=1.0).item() == 1.0  # both regions: every pixel
     with pytest.raises(CamkitError, match="fraction=0"):
         M.top_k_iou(ramp, ramp, fraction=0)
 
@@ -472,6 +494,81 @@ def test_randomization_independent_and_seeded(side_net) -> None:
         M.randomization_check(model, x, cam, layers=["layer9"])
     with pytest.raises(CamkitError, match="mode='sideways'"):
         M.randomization_check(model, x, cam, mode="sideways")
+
+
+class OffsetNet(nn.Module):
+    """The root holds a parameter of its own (a logit offset) besides its children's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        self.fc = nn.Linear(8, 3)
+        self.offset = nn.Parameter(torch.tensor([0.5, -1.0, 2.0]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x).mean(dim=(2, 3))) + self.offset
+
+
+@pytest.mark.parametrize("mode", ["cascade", "independent"])
+def test_default_steps_randomise_a_modules_own_parameters_only(mode) -> None:
+    # The root's step must randomise the offset alone, not the whole model with it. An
+    # additive logit offset has no effect on Grad-CAM for fixed targets, so that step leaves
+    # the maps exactly as the previous step (cascade) or the original (independent) had them.
+    torch.manual_seed(0)
+    model = OffsetNet()
+    x = torch.rand(4, 3, 12, 12, generator=torch.Generator().manual_seed(11))
+    cam = functools.partial(GradCAM, target_layer="features")
+    result = M.randomization_check(model, x, cam, mode=mode, keep_maps=True)
+    assert result.steps == ["original", "fc", "features.0", "(model)"]
+    unchanged = result.original if mode == "independent" else result.maps[-2]
+    assert torch.equal(result.maps[-1], unchanged)
+    assert not torch.equal(result.maps[-2], result.original)
+    # Naming the root explicitly randomises every submodule, as documented for `layers`.
+    whole = M.randomization_check(model, x, cam, layers=[""], keep_maps=True)
+    assert not torch.equal(whole.maps[1], whole.original)
+    own = OffsetNet()
+    before = own.fc.weight.detach().clone()
+    M.randomize_(own, torch.Generator().manual_seed(0), recurse=False)
+    assert torch.equal(own.fc.weight, before)
+    assert not torch.equal(own.offset, OffsetNet().offset)
+
+
+def test_randomization_leaves_the_model_untouched_when_a_step_fails(side_net) -> None:
+    model, x = side_net
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calls = []
+
+    def failing(copy_of_model):
+        explain = GradCAM(copy_of_model, target_layer="features")
+
+        def run(images, targets):
+            calls.append(1)
+            if len(calls) == 3:
+                raise RuntimeError("boom")
+            return explain(images, targets)
+
+        return run
+
+    with pytest.raises(RuntimeError, match="boom"):
+        M.randomization_check(model, x, failing)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(m.training for m in model.modules())
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_randomization_checks_fraction_before_any_step(side_net) -> None:
+    model, x = side_net
+    calls = []
+
+    def counting(_model):
+        calls.append(1)
+        return lambda images, targets: images.mean(dim=1)
+
+    with pytest.raises(CamkitError, match="fraction=0"):
+        M.randomization_check(model, x, counting, fraction=0)
+    assert calls == []
 
 
 def test_randomize_keeps_moments_and_constant_tensors() -> None:

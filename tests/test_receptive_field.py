@@ -40,7 +40,7 @@ from fractions import Fraction
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -992,6 +992,128 @@ def test_transposed_conv_with_kernel_smaller_than_stride_is_refused():
         receptive_field(model, input_size=(1, 8, 8), method="analytic")
 
 
+# Padding filled from the map itself. Cell -c of a reflect-padded map is cell c,
+# so a 3x3 conv with padding 2 gives cell 0 the window -2..0 but it reads rows
+# 0..2; circular padding reads the far border. Treating either as zero padding
+# gives a box that misses pixels the cell sees.
+
+
+def _every_cell(e):
+    h, w = e.output_size
+    return [(i, j) for i in range(h) for j in range(w)]
+
+
+class _FunctionalPad(nn.Module):
+    def __init__(self, pad, mode):
+        super().__init__()
+        self.pad, self.mode = pad, mode
+        self.conv = nn.Conv2d(1, 1, 3)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, self.pad, mode=self.mode))
+
+
+@pytest.mark.parametrize("model", [
+    nn.Sequential(nn.Conv2d(1, 1, 3, padding=2, padding_mode="reflect")),
+    nn.Sequential(nn.Conv2d(1, 1, 3, padding=3, padding_mode="replicate")),
+    nn.Sequential(nn.Conv2d(1, 1, 3, padding=1, padding_mode="circular")),
+    nn.Sequential(nn.ReflectionPad2d(1), nn.Conv2d(1, 1, 3)),
+    nn.Sequential(nn.ReplicationPad2d((0, 0, 2, 0)), nn.Conv2d(1, 1, 3)),
+    _FunctionalPad((1, 1, 1, 1), "circular"),
+    _FunctionalPad((2, 0, 0, 0), "reflect"),
+], ids=["conv-reflect", "conv-replicate", "conv-circular", "ReflectionPad2d",
+        "ReplicationPad2d", "F.pad-circular", "F.pad-reflect"])
+def test_padding_filled_from_the_map_is_refused_by_name(model):
+    name = "conv" if isinstance(model, _FunctionalPad) else "0"
+    node = "pad" if isinstance(model, _FunctionalPad) else "0"
+    with pytest.raises(CamkitError, match=rf"node '{node}' .*(reflect|replicate|circular)"):
+        receptive_field(model, input_size=(1, 12, 12), method="analytic")
+    with pytest.warns(UserWarning, match=rf"node '{node}'"):
+        rf = receptive_field(model, input_size=(1, 12, 12))
+    assert rf.method == "measured" and name in rf
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mode=st.sampled_from(["reflect", "replicate"]), k=st.integers(1, 5),
+       d=st.integers(1, 3), s=st.integers(1, 3), p=st.integers(0, 6), n=st.integers(2, 14),
+       stem=st.booleans())
+def test_reflect_and_replicate_conv_padding_is_exact_or_refused(mode, k, d, s, p, n, stem):
+    # rows get the drawn conv; columns a plain 'same' one
+    conv = nn.Conv2d(1, 1, (k, 3), (s, 1), (p, 1), (d, 1), padding_mode=mode)
+    layers = [nn.Conv2d(1, 1, 3, 2, 1), conv] if stem else [conv]
+    model = nn.Sequential(*layers)
+    size = (1, 2 * n if stem else n, 7)
+    try:
+        model(torch.zeros(1, *size))
+    except RuntimeError:  # padding too large for the map, or a window longer than it
+        assume(False)
+    name = str(len(layers) - 1)
+    try:
+        rf = receptive_field(model, input_size=size, method="analytic")
+    except CamkitError as exc:
+        assert f"node {name!r}" in str(exc) and f"padding_mode={mode!r}" in str(exc)
+        return
+    _check_against_oracle(model, size, [name], _every_cell)
+    k_eff = d * (k - 1) + 1
+    assert rf[name].size[0] == (3 + 2 * (k_eff - 1) if stem else k_eff)
+
+
+def test_same_size_reflect_padding_stays_analytic():
+    model = nn.Sequential(nn.Conv2d(1, 2, 7, padding=3, padding_mode="reflect"),
+                          nn.Conv2d(2, 2, 3, stride=2, padding=1, padding_mode="reflect"),
+                          nn.Conv2d(2, 1, 3, padding=1, padding_mode="replicate"))
+    rf = receptive_field(model, input_size=(1, 15, 14), method="analytic")
+    assert (rf["2"].size, rf["2"].stride, rf["2"].padding) == ((13, 13), (2, 2), (6, 6))
+    _check_against_oracle(model, (1, 15, 14), ["0", "1", "2"], _every_cell)
+
+
+# In-place updates through views: the walk gives the mutated tensor its new
+# field, but a tensor sharing its memory changes as well.
+
+
+class _InPlaceOnView(nn.Module):
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.small = nn.Conv2d(1, 4, 1)
+        self.big = nn.Conv2d(1, 4, 7, padding=3)
+        self.out = nn.Conv2d(4, 1, 1)
+
+    def forward(self, x):
+        y = self.small(x)
+        if self.how == "slice":  # a view of y is changed, y is read
+            y[:, :2].mul_(self.big(x)[:, :2])
+        elif self.how == "view":
+            y.view(y.shape).add_(self.big(x))
+        elif self.how == "rebound":  # y itself becomes the view: nothing stale
+            y = y.view(y.shape)
+            y += self.big(x)
+        else:  # plain in-place add
+            y += self.big(x)
+        return self.out(y)
+
+
+@pytest.mark.parametrize("how", ["slice", "view"])
+def test_in_place_update_through_a_view_is_refused(how):
+    model = _InPlaceOnView(how)
+    op = "mul_" if how == "slice" else "add_"
+    with pytest.raises(CamkitError, match=rf"node '{op}'.*'small' shares memory"):
+        receptive_field(model, input_size=(1, 16, 16), method="analytic")
+    with pytest.warns(UserWarning, match="shares memory"):
+        rf = receptive_field(model, input_size=(1, 16, 16))
+    assert rf.method == "measured"
+    assert (rf["out"].size, rf["out"].padding) == ((7, 7), (3, 3))
+
+
+@pytest.mark.parametrize("how", ["rebound", "plain"])
+def test_in_place_update_without_a_stale_view_stays_analytic(how):
+    model = _InPlaceOnView(how)
+    rf = receptive_field(model, input_size=(1, 16, 16), method="analytic")
+    assert (rf["out"].size, rf["out"].padding) == ((7, 7), (3, 3))
+    # (the oracle would see 'small' after the update: it holds that very tensor)
+    _check_against_oracle(model, (1, 16, 16), ["big", "out"])
+
+
 # --------------------------------------------------------------------------
 # the measured fallback and model state
 
@@ -1075,6 +1197,24 @@ def test_model_that_does_not_run_on_the_size_is_an_error():
     model = nn.Sequential(nn.Conv2d(1, 1, 9))
     with pytest.raises(CamkitError, match="input_size"):
         receptive_field(model, input_size=(1, 4, 4))
+
+
+def test_one_dimensional_model_is_explained():
+    model = nn.Sequential(nn.Conv1d(3, 4, 3), nn.ReLU())
+    for method in ("auto", "analytic", "measured"):
+        with pytest.raises(CamkitError, match=r"2-D image models.*Conv1d"):
+            receptive_field(model, input_size=(3, 16, 16), method=method)
+
+
+def test_meta_model_that_cannot_be_traced_says_it_cannot_be_measured():
+    with torch.device("meta"):
+        model = _DataDependent()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning that it was measured
+        with pytest.raises(CamkitError, match=r"TraceError.*meta device cannot be measured"):
+            receptive_field(model, input_size=(3, 16, 16))
+    with pytest.raises(CamkitError, match=r"method='measured'.*meta device"):
+        receptive_field(_build("resnet18"), input_size=(3, 64, 64), method="measured")
 
 
 # --------------------------------------------------------------------------

@@ -180,6 +180,29 @@ def test_claim_outcomes_follow_the_stated_rule(quick):
             assert c["outcome"] == "inconclusive"
 
 
+def test_publish_writes_a_docs_page_whose_figures_exist(quick, tmp_path):
+    import publish_study
+
+    out, m = quick
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in [*FIGURES, "report.md"]:
+        (run / name).write_bytes((out / name).read_bytes())
+    (run / "metrics.json").write_text(json.dumps({**m, "config": {**m["config"], "quick": True}}))
+    with pytest.raises(SystemExit, match="--quick run"):
+        publish_study.publish(run, tmp_path / "docs")
+    (run / "metrics.json").write_text(json.dumps({**m, "config": {**m["config"], "quick": False}}))
+    page = publish_study.publish(run, tmp_path / "docs").read_text()
+    linked = [line.split("](", 1)[1].rstrip(")") for line in page.splitlines()
+              if line.startswith("![")]
+    assert sorted(Path(p).name for p in linked) == sorted(FIGURES)
+    assert all((tmp_path / "docs" / p).is_file() for p in linked)
+    assert m["command"] in page
+    (run / "erf.png").unlink()
+    with pytest.raises(SystemExit, match=r"erf\.png"):
+        publish_study.publish(run, tmp_path / "docs")
+
+
 # ---------------------------------------------------------------- bad input
 
 

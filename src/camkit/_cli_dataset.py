@@ -14,6 +14,8 @@ over the processes (see ``camkit.explain_dataset``).
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import sys
 from pathlib import Path
@@ -64,6 +66,11 @@ class _Preprocess:
             raise CamkitError(f"--std {std_given} must be positive.")
         return (x - mean[:, None, None]) / std[:, None, None]
 
+    def settings(self) -> dict[str, Any]:
+        """The options as given, for the run's manifest."""
+        return {"size": None if self.size is None else list(self.size), "mean": self.mean,
+                "std": self.std}
+
 
 def _per_channel(values: list[float], channels: int, flag: str) -> list[float]:
     if len(values) == 1:
@@ -86,6 +93,12 @@ class _ArrayImages(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
+    def _camkit_settings(self) -> dict[str, Any]:
+        """Digests of the arrays and the preprocessing (see ``camkit.dataset``)."""
+        return {"images": _digest(self.images), "labels": None if self.labels is None
+                else _digest(self.labels), "classes": getattr(self, "classes", None),
+                **self.preprocess.settings()}
+
     def __getitem__(self, index: int) -> Any:
         image = self.preprocess(self.images[index])
         if self.labels is None:
@@ -97,6 +110,7 @@ class _FolderImages(Dataset):
     """Image files: one subfolder per class (labels in sorted order), or files directly."""
 
     def __init__(self, root: Path, channels: int, preprocess: _Preprocess) -> None:
+        self.root = root
         subfolders = sorted(p for p in root.iterdir() if p.is_dir())
         if subfolders:
             self.classes = [p.name for p in subfolders]
@@ -111,24 +125,54 @@ class _FolderImages(Dataset):
             )
         self.labelled = bool(subfolders)
         self.channels, self.preprocess = channels, preprocess
+        # Without --input-size nothing is resized, so every image must have the first's size.
+        self.size = None if preprocess.size is not None else self._read(0).shape[-2:]
 
     def __len__(self) -> int:
         return len(self.files)
 
+    def _camkit_settings(self) -> dict[str, Any]:
+        """The files (names relative to the folder, labels, byte sizes), the channels and the
+        preprocessing (see ``camkit.dataset``)."""
+        listing = [[path.relative_to(self.root).as_posix(), label, path.stat().st_size]
+                   for path, label in self.files]
+        return {"files": _digest(json.dumps(listing).encode()), "channels": self.channels,
+                **self.preprocess.settings()}
+
     def __getitem__(self, index: int) -> Any:
+        pixels = self._read(index)
+        if self.size is not None and pixels.shape[-2:] != self.size:
+            first, path = self.files[0][0], self.files[index][0]
+            raise CamkitError(
+                f"{path} is {pixels.shape[-2]} x {pixels.shape[-1]} pixels, {first} "
+                f"{self.size[0]} x {self.size[1]}; images of different sizes cannot be "
+                "batched: pass --input-size C H W to resize them all."
+            )
+        image = self.preprocess(pixels)
+        return (image, self.files[index][1]) if self.labelled else image
+
+    def _read(self, index: int) -> np.ndarray:
+        """The ``(C, H, W)`` uint8 pixels of file ``index``."""
         import cv2
 
-        path, label = self.files[index]
+        path = self.files[index][0]
         flag = cv2.IMREAD_GRAYSCALE if self.channels == 1 else cv2.IMREAD_COLOR
         pixels = cv2.imread(str(path), flag)
         if pixels is None:
             raise CamkitError(f"{path} cannot be read as an image.")
         if self.channels == 1:
-            pixels = pixels[None]
-        else:
-            pixels = cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB).transpose(2, 0, 1)
-        image = self.preprocess(pixels)
-        return (image, label) if self.labelled else image
+            return pixels[None]
+        return cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB).transpose(2, 0, 1)
+
+
+def _digest(data: np.ndarray | bytes) -> str:
+    """SHA-256 of an array's dtype, shape and bytes (or of plain bytes)."""
+    digest = hashlib.sha256()
+    if isinstance(data, np.ndarray):
+        digest.update(f"{data.dtype.str}|{data.shape}|".encode())
+        data = np.ascontiguousarray(data).tobytes()
+    digest.update(data)
+    return digest.hexdigest()
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -206,7 +250,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     run_group.add_argument("--out", required=True, help="output folder")
     run_group.add_argument("--batch-size", type=int, default=32)
     run_group.add_argument("--workers", type=int, default=0, help="DataLoader workers")
-    run_group.add_argument("--targets", default="pred", help="pred, label, or a class index")
     run_group.add_argument("--keep", choices=("maps", "raw", "stats"), default="maps")
     run_group.add_argument("--shard-size", type=int)
     run_group.add_argument("--map-dtype", choices=("float16", "float32"), default="float16")

@@ -412,6 +412,8 @@ def _find_state_dict(loaded: Any, path: str | os.PathLike[str]) -> Mapping[str, 
         for key in _STATE_KEYS:
             if _is_state_dict(loaded.get(key)):
                 return loaded[key]
+            if isinstance(loaded.get(key), nn.Module):  # a trusted {"model": model, ...}
+                return loaded[key].state_dict()
         keys = ", ".join(repr(k) for k in list(loaded)[:8])
         raise CamkitError(
             f"checkpoint {str(path)!r} is a dictionary without a state dict (keys: {keys}); "

@@ -128,6 +128,10 @@ def build_index(
                 f"shard {shard} of {plan.num_shards} is missing from {files.folder}; the run "
                 "did not finish. Run explain_dataset again with the same arguments to complete it."
             )
+    # What a process killed while writing these files left behind (only this function
+    # writes temporary files next to the manifest).
+    for stale in out.glob("*.tmp-*"):
+        stale.unlink(missing_ok=True)
     groups: dict[int, _Group] = {}
     wrong: list[dict[str, Any]] = []
     shapes: set[tuple[tuple[int, ...], tuple[int, ...], int]] = set()

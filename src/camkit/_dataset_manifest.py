@@ -76,8 +76,10 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 def check_or_create(out: Path, description: dict[str, Any]) -> None:
     """Accept ``out`` for a run described by ``description``, or raise.
 
-    ``out`` is accepted when it does not exist, is empty, or holds a manifest with the same
-    description (a resumed run). A manifest is created for a new run.
+    ``out`` is accepted when it does not exist, is empty, holds a manifest with the same
+    description (a resumed run), or holds only the manifest of a run that finished nothing
+    (which is replaced). A manifest is created for a new run. A folder that cannot be
+    created or written raises :class:`~camkit.errors.CamkitError`.
     """
     if out.exists() and not out.is_dir():
         raise CamkitError(f"out={str(out)!r} is a file; pass a folder for the results.")
@@ -97,11 +99,18 @@ def check_or_create(out: Path, description: dict[str, Any]) -> None:
             )
         if stored.get("fingerprint") == fingerprint(description):
             return
+        if not _holds_results(out):
+            # An earlier run stopped before finishing anything (a wrong option, a bad first
+            # batch): there is nothing to reuse or protect, so this run starts afresh.
+            _write_manifest(out, manifest, description)
+            return
         changes = _differences(stored.get("arguments", {}), description)
         raise CamkitError(
             f"out={str(out)!r} holds results of different arguments, so they cannot be "
             "resumed or reused; what differs:\n  " + "\n  ".join(changes or ["(unknown)"])
-            + "\nPass another out, or delete the folder to start again."
+            + "\nTo resume, call again with the values shown as 'there' (batch_size and "
+            "shard_size count too: they can change results in the last bits); otherwise pass "
+            "another out, or delete the folder to start again."
         )
     if out.is_dir() and any(out.iterdir()):
         raise CamkitError(
@@ -109,13 +118,33 @@ def check_or_create(out: Path, description: dict[str, Any]) -> None:
             "a new or empty folder so that no other files are mixed with (or lost to) the "
             "results."
         )
-    out.mkdir(parents=True, exist_ok=True)
+    _write_manifest(out, manifest, description)
+
+
+def _holds_results(out: Path) -> bool:
+    """Whether ``out`` holds anything a run finished (beyond its manifest and temporaries)."""
+    finished = [p for p in out.iterdir() if p.name != MANIFEST and ".tmp-" not in p.name
+                and p.name != "shards"]
+    shards = out / "shards"
+    if shards.is_dir():
+        finished += [p for p in shards.iterdir() if ".tmp-" not in p.name]
+    return bool(finished)
+
+
+def _write_manifest(out: Path, manifest: Path, description: dict[str, Any]) -> None:
     record = {
         "format": FORMAT,
         "fingerprint": fingerprint(description),
         "arguments": description,
     }
-    write_atomic(manifest, (json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(manifest, (json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
+    except OSError as err:
+        raise CamkitError(
+            f"cannot create the results folder out={str(out)!r}: {err}. Pass a folder that "
+            "can be created and written."
+        ) from err
 
 
 def library_version() -> str:

@@ -16,10 +16,12 @@ from torch.utils.data import (
     BatchSampler,
     DataLoader,
     Dataset,
+    DistributedSampler,
     IterableDataset,
     RandomSampler,
     SequentialSampler,
 )
+from torch.utils.data._utils.collate import default_collate
 
 from camkit.errors import CamkitError
 
@@ -62,7 +64,10 @@ def resolve_source(data: Any, batch_size: int | None, num_workers: int | None) -
     For a DataLoader, its dataset, collate function, worker settings and batch size (unless
     given) are reused; its order is not: images are explained in ascending dataset index so
     that the result does not depend on shuffling. A sampler that selects a subset (such as a
-    ``SubsetRandomSampler``) limits the images to that subset.
+    ``SubsetRandomSampler``) limits the images to that subset; a ``DistributedSampler``
+    stands for the whole dataset (the work is split over the ranks here); a sampler whose
+    passes pick different images (random sampling with replacement) is refused. A loader
+    built with ``batch_size=None`` keeps its per-sample ``collate_fn`` and gains batching.
     """
     loader_kwargs: dict[str, Any] = {}
     if isinstance(data, DataLoader):
@@ -73,7 +78,7 @@ def resolve_source(data: Any, batch_size: int | None, num_workers: int | None) -
         if num_workers is None:
             num_workers = data.num_workers
         loader_kwargs = {
-            "collate_fn": data.collate_fn,
+            "collate_fn": _batch_collate(data),
             "pin_memory": data.pin_memory,
             "worker_init_fn": data.worker_init_fn,
             "multiprocessing_context": data.multiprocessing_context,
@@ -113,9 +118,42 @@ def _check_map_style(dataset: Any, what: str) -> None:
         raise CamkitError(f"{what} ({type(dataset).__name__}) has no length (__len__).") from err
 
 
+class _CollateSamples:
+    """Apply a per-sample function, then batch with ``default_collate``.
+
+    A DataLoader built with ``batch_size=None`` does no batching: its ``collate_fn``
+    converts one sample at a time. ``explain_dataset`` batches itself, so it keeps that
+    conversion and adds the batching. (A class, not a closure, so that it pickles for
+    worker processes.)
+    """
+
+    def __init__(self, convert: Callable[[Any], Any]) -> None:
+        self.convert = convert
+
+    def __call__(self, samples: list[Any]) -> Any:
+        return default_collate([self.convert(sample) for sample in samples])
+
+
+def _batch_collate(loader: DataLoader) -> Callable[[list[Any]], Any]:
+    """The function that turns a list of samples into a batch, as ``loader`` would."""
+    if loader.batch_sampler is not None:  # automatic batching: collate_fn takes a list
+        return loader.collate_fn
+    return _CollateSamples(loader.collate_fn)
+
+
+def _sampled(source: Any) -> np.ndarray:
+    """The distinct dataset indices that one pass over a sampler or batch sampler yields."""
+    indices = getattr(source, "indices", None)
+    if indices is None:
+        indices = [i for item in source for i in (item if isinstance(item, list) else [item])]
+    return np.unique(np.asarray(list(indices), dtype=np.int64))
+
+
 def _loader_positions(loader: DataLoader, length: int) -> tuple[np.ndarray, bool]:
     sampler = loader.sampler
-    whole = isinstance(sampler, SequentialSampler) or (
+    # A DistributedSampler hands each rank its part; explain_dataset splits the work over
+    # the ranks itself, so such a loader stands for the whole dataset.
+    whole = isinstance(sampler, (SequentialSampler, DistributedSampler)) or (
         isinstance(sampler, RandomSampler)
         and not sampler.replacement
         and sampler.num_samples == length
@@ -123,10 +161,15 @@ def _loader_positions(loader: DataLoader, length: int) -> tuple[np.ndarray, bool
     if whole and (loader.batch_sampler is None or type(loader.batch_sampler) is BatchSampler):
         return np.arange(length, dtype=np.int64), False
     source = loader.batch_sampler if loader.batch_sampler is not None else sampler
-    indices = getattr(source, "indices", None)
-    if indices is None:
-        indices = [i for item in source for i in (item if isinstance(item, list) else [item])]
-    positions = np.unique(np.asarray(list(indices), dtype=np.int64))
+    positions = _sampled(source)
+    if not hasattr(source, "indices") and not np.array_equal(positions, _sampled(source)):
+        raise CamkitError(
+            f"the DataLoader's {type(source).__name__} picks different images on each pass "
+            "(random sampling with replacement?), so the set of images to explain is not "
+            "fixed and a resumed or distributed run could not find them again. Use "
+            "shuffle=True or no sampler for the whole dataset, or a SubsetRandomSampler or "
+            "torch.utils.data.Subset for a part of it."
+        )
     if positions.size and (positions[0] < 0 or positions[-1] >= length):
         raise CamkitError(
             f"the DataLoader's sampler yields index {int(positions[-1])}, outside its dataset "

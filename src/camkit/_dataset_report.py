@@ -69,7 +69,7 @@ def write_report(
         "",
         f"## Per class (grouped by {group_by})",
         "",
-        "| class | images | correct | focus mean | focus std | entropy mean | all-zero maps |",
+        "| class | images | accuracy | focus mean | focus std | entropy mean | all-zero maps |",
         "|---|---|---|---|---|---|---|",
     ]
     for row in aggregates["per_class"]:

@@ -8,8 +8,12 @@ grad mode off (no autograd graph, no saved tensors), and that layer's forward ho
 * hands a *clone* of ``A`` to the rest of the network, so that later in-place operations
   (``out += identity``, ``relu_``) cannot alter the captured activation.
 
+The caller leaves the ``with`` block as soon as the model's forward returns, so the hooks never
+see anything else (a nested call of another CAM on the same model, for instance); grad mode is
+then put back as it was on entry. Hooks live only inside the ``with`` block.
+
 Gradients are then taken with :func:`torch.autograd.grad` against ``A`` alone: no parameter's
-``.grad`` is touched and no graph outlives the call. Hooks live only inside the ``with`` block.
+``.grad`` is touched and no graph outlives the call.
 """
 
 from __future__ import annotations
@@ -22,10 +26,6 @@ from torch import nn
 from camkit.errors import CamkitError
 
 __all__ = ["LayerCapture", "ModelState"]
-
-
-def _parent_name(name: str) -> str:
-    return name.rsplit(".", 1)[0] if "." in name else "<the model itself>"
 
 
 class LayerCapture:
@@ -74,17 +74,13 @@ class LayerCapture:
             self._handles.pop().remove()
 
     def _hook_for(self, name: str):
-        def hook(module: nn.Module, inputs: object, output: object) -> torch.Tensor:
+        def hook(module: nn.Module, inputs: object, output: object) -> torch.Tensor | None:
             count = self._calls.get(name, 0) + 1
             self._calls[name] = count
             if count > 1:
-                raise CamkitError(
-                    f"target layer {name!r} ({type(module).__name__}) ran {count} times in one "
-                    "forward pass, so its activation is ambiguous (a shared module such as "
-                    "torchvision's BasicBlock.relu is called more than once). Use the enclosing "
-                    f"block {_parent_name(name)!r} or another module that runs once; "
-                    "camkit.list_layers(model) marks modules that run more than once."
-                )
+                # Leave later calls alone and let the forward finish, so that the caller can
+                # report the true number of calls (see ``repeated``).
+                return None
             if not isinstance(output, torch.Tensor):
                 raise CamkitError(
                     f"target layer {name!r} returned a {type(output).__name__}, not a tensor; "
@@ -105,6 +101,14 @@ class LayerCapture:
     def missing(self) -> list[str]:
         """Names of target layers that did not run during the block."""
         return [name for name, _ in self._layers if name not in self.activations]
+
+    def repeated(self) -> dict[str, int]:
+        """``name -> number of calls`` for target layers that ran more than once.
+
+        Such a layer's activation is ambiguous (a shared module such as torchvision's
+        ``BasicBlock.relu``); only its first call was captured.
+        """
+        return {name: count for name, count in self._calls.items() if count > 1}
 
 
 class ModelState:

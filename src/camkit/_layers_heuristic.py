@@ -56,8 +56,17 @@ def _is_tokens(tensor: torch.Tensor | None) -> bool:
     return tensor is not None and tensor.ndim == 3 and tensor.is_floating_point()
 
 
+def _is_self_or_ancestor(name: str, of: str) -> bool:
+    """Whether module ``name`` is module ``of`` or contains it (by dotted name)."""
+    return name == of or of.startswith(name + ".")
+
+
 def pick_from_trace(trace: Trace) -> Pick:
     """The outermost run-once module returning the last non-resampled 4-D map.
+
+    "Outermost" means the module that made the map or one containing it; a module after it
+    that merely hands the same tensor on (an ``nn.Identity`` placeholder) is taken only when
+    none of those ran once.
 
     A map after which the network goes on with 3-D token sequences (a transformer's patch
     embedding) is not a final feature map: that case returns no name.
@@ -77,6 +86,10 @@ def pick_from_trace(trace: Trace) -> Pick:
         if only_resamples(trace.records[group[0].name].module):
             continue
         once = [c for c in group if trace.records[c.name].calls == 1]
+        # group[0] made the tensor; a later sibling returning it unchanged (timm's
+        # ``norm_pre = nn.Identity()``) only passes it on: prefer the maker and its ancestors.
+        made = [c for c in once if _is_self_or_ancestor(c.name, group[0].name)]
+        once = made or once
         if not once:
             skipped = skipped or tuple(group)
             continue

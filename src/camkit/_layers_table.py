@@ -6,7 +6,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["LayerInfo", "LayerTable"]
+__all__ = ["LayerInfo", "LayerTable", "shape_text"]
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ class LayerTable:
                 str(row.index),
                 row.name,
                 row.type,
-                _shape_text(row.output),
+                shape_text(row.output),
                 f"x{row.calls}" if row.calls > 1 else "",
                 "<- picked" if row.picked else "",
             )
@@ -115,11 +115,12 @@ class LayerTable:
     __repr__ = __str__
 
 
-def _shape_text(output: Any) -> str:
+def shape_text(output: Any) -> str:
+    """``(1, 512, 7, 7)`` for a shape, nested for tuples and dicts, else the text as is."""
     if isinstance(output, tuple) and all(isinstance(v, int) for v in output):
         return "(" + ", ".join(map(str, output)) + ")"
     if isinstance(output, tuple):
-        return "(" + ", ".join(_shape_text(v) for v in output) + ")"
+        return "(" + ", ".join(shape_text(v) for v in output) + ")"
     if isinstance(output, dict):
-        return "{" + ", ".join(f"{k}: {_shape_text(v)}" for k, v in output.items()) + "}"
+        return "{" + ", ".join(f"{k}: {shape_text(v)}" for k, v in output.items()) + "}"
     return str(output)

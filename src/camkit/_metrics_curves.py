@@ -142,7 +142,8 @@ def deletion(
         ``"blur"`` (:func:`gaussian_blur`), a number, a tensor broadcastable to
         ``(N, C, H, W)``, or a callable ``images -> baseline``.
     score
-        ``"probability"`` (softmax of the target), ``"logit"``, or a callable
+        ``"probability"`` (softmax of the target; an error for a single-output model, whose
+        softmax is always 1), ``"logit"``, or a callable
         ``f(output, rows) -> (B,)`` where ``rows`` holds, for each of the ``B`` output rows,
         the index of its image in ``images``.
     output
@@ -372,5 +373,11 @@ def _row_scores(
             f"{logits.shape[1]} outputs; classes must be in [0, {logits.shape[1] - 1}]."
         )
     if score == "probability":
+        if check_range and logits.shape[1] == 1:
+            raise CamkitError(
+                "the model has a single output, whose softmax is 1 for every input, so the "
+                "curve would be flat; pass score='logit', or a callable such as "
+                "lambda out, rows: out[:, 0].sigmoid() for a binary classifier."
+            )
         logits = logits.softmax(dim=1)
     return logits.gather(1, labels[image_of][:, None])[:, 0]

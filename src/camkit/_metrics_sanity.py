@@ -21,7 +21,7 @@ from torch import nn
 
 from camkit._hooks import ModelState
 from camkit._metrics_common import check_maps
-from camkit._metrics_maps import spearman, ssim, top_k_iou
+from camkit._metrics_maps import _fraction, spearman, ssim, top_k_iou
 from camkit.errors import CamkitError
 
 __all__ = ["RandomizationResult", "randomization_check", "randomize_"]
@@ -68,8 +68,8 @@ class RandomizationResult:
     maps: torch.Tensor | None
 
 
-def randomize_(module: nn.Module, generator: torch.Generator) -> None:
-    """Replace every floating parameter of ``module`` (recursively) by random values, in place.
+def randomize_(module: nn.Module, generator: torch.Generator, *, recurse: bool = True) -> None:
+    """Replace the floating parameters of ``module`` by random values, in place.
 
     Each parameter tensor gets i.i.d. Gaussian values with the mean and standard deviation of
     its current entries: the learned arrangement is destroyed while the scale of the
@@ -80,12 +80,15 @@ def randomize_(module: nn.Module, generator: torch.Generator) -> None:
     Parameters
     ----------
     module
-        The module to randomise (its submodules too).
+        The module to randomise.
     generator
         A CPU generator: the draws are the same on every device.
+    recurse
+        Also randomise the parameters of every submodule (the default); ``False`` touches
+        only the parameters that ``module`` holds itself.
     """
     with torch.no_grad():
-        for param in module.parameters():
+        for param in module.parameters(recurse=recurse):
             if not param.is_floating_point() or param.numel() == 0:
                 continue
             values = param.detach().to(torch.float64)
@@ -129,7 +132,10 @@ def randomization_check(
     layers
         Dotted names of the modules to randomise, one step each, in the order given (each
         module with all its submodules). ``None``: every module that has parameters of its
-        own and runs in the forward pass, in reverse order of execution (the logits first).
+        own and runs in the forward pass, in reverse order of execution (the logits first);
+        each step then randomises only that module's own parameters, so a module that holds
+        parameters and also has children (the root model with a learnable logit offset, a
+        block with a layer-scale vector) does not randomise its children with it.
     mode
         ``"cascade"``: step ``i`` randomises layers ``1..i``. ``"independent"``: step ``i``
         randomises layer ``i`` alone.
@@ -161,8 +167,11 @@ def randomization_check(
         got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise CamkitError(f"images has shape {got}; expected (N, C, H, W).")
 
+    fraction = _fraction(fraction, "fraction")  # before the expensive steps, not after
+
     pristine = copy.deepcopy(model)
     names = _layer_names(pristine, images, layers)
+    whole_modules = layers is not None
     original, used = _explain(cam, pristine, images, targets, "the original model")
     fixed = targets if targets is not None else used
     original = original.detach()
@@ -174,7 +183,7 @@ def randomization_check(
         if mode == "independent":
             work = copy.deepcopy(pristine)
         generator = torch.Generator().manual_seed(seed * _SEED_STRIDE + step)
-        randomize_(work.get_submodule(name), generator)
+        randomize_(work.get_submodule(name), generator, recurse=whole_modules)
         maps, _ = _explain(cam, work, images, fixed, f"step {step} ({_label(name)})")
         if maps.shape != original.shape:
             raise CamkitError(

@@ -50,6 +50,9 @@ class Window:
     dilation: tuple[int, int]
     ceil_mode: bool = False
     mixes_channels: bool = False
+    #: how the padding is filled: "zeros", or "reflect", "replicate", "circular"
+    #: (``nn.Conv2d.padding_mode``), which fill it with cells of the map itself
+    padding_mode: str = "zeros"
 
     def out_size(self, n: int, t: int) -> int:
         k_eff = self.dilation[t] * (self.kernel[t] - 1) + 1
@@ -98,10 +101,11 @@ def _padding(padding, kernel, dilation) -> tuple[tuple[int, int], tuple[int, int
     return p, p
 
 
-def _conv_window(kernel, stride, padding, dilation) -> Window:
+def _conv_window(kernel, stride, padding, dilation, padding_mode: str = "zeros") -> Window:
     kernel, stride, dilation = _pair(kernel), _pair(stride), _pair(dilation)
     before, after = _padding(padding, kernel, dilation)
-    return Window(kernel, stride, before, after, dilation, mixes_channels=True)
+    return Window(kernel, stride, before, after, dilation, mixes_channels=True,
+                  padding_mode=padding_mode)
 
 
 def _pool_window(kernel, stride, padding, dilation, ceil_mode) -> Window:
@@ -273,7 +277,9 @@ def classify(node: fx.Node, module: nn.Module | None, args: tuple, kwargs: dict)
                                      "scale_factor": _arg(args, kwargs, 2, "scale_factor")})
     if target is F.pad:
         pad = _arg(args, kwargs, 1, "pad")
-        return OpSpec(PAD, name, {"pad": tuple(int(v) for v in pad)})
+        mode = _arg(args, kwargs, 2, "mode", "constant")
+        return OpSpec(PAD, name, {"pad": tuple(int(v) for v in pad),
+                                  "mode": "constant" if mode is None else str(mode)})
     if target is F.pixel_shuffle:
         return OpSpec(PIXEL_SHUFFLE, name, {"factor": int(_arg(args, kwargs, 1,
                                                                  "upscale_factor"))})
@@ -343,11 +349,24 @@ def _permute_params(name: str, args: tuple, kwargs: dict) -> dict:
     return {"swap": (0, 1)}  # t()
 
 
+def _pad_module_mode(m: nn.Module) -> str | None:
+    """The ``F.pad`` mode a 2-D padding module uses, or ``None`` for other modules."""
+    if isinstance(m, (nn.ZeroPad2d, nn.ConstantPad2d)):  # ZeroPad2d is a ConstantPad2d
+        return "constant"
+    if isinstance(m, nn.ReflectionPad2d):
+        return "reflect"
+    if isinstance(m, nn.ReplicationPad2d):
+        return "replicate"
+    if hasattr(nn, "CircularPad2d") and isinstance(m, nn.CircularPad2d):
+        return "circular"
+    return None
+
+
 def _classify_module(m: nn.Module, args: tuple, kwargs: dict) -> OpSpec:
     cls = type(m).__name__
     if isinstance(m, nn.Conv2d):
         return OpSpec(WINDOW, cls, {"window": _conv_window(m.kernel_size, m.stride, m.padding,
-                                                            m.dilation)})
+                                                            m.dilation, m.padding_mode)})
     if isinstance(m, nn.MaxPool2d):
         return OpSpec(WINDOW, cls, {"window": _pool_window(
             m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)})
@@ -367,9 +386,9 @@ def _classify_module(m: nn.Module, args: tuple, kwargs: dict) -> OpSpec:
         return OpSpec(RESIZE, cls, {"size": m.size, "scale_factor": m.scale_factor,
                                     "mode": m.mode, "align_corners": m.align_corners,
                                     "recompute_scale_factor": m.recompute_scale_factor})
-    if isinstance(m, (nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d,
-                      *((nn.CircularPad2d,) if hasattr(nn, "CircularPad2d") else ()))):
-        return OpSpec(PAD, cls, {"pad": tuple(int(v) for v in m.padding)})
+    pad_mode = _pad_module_mode(m)
+    if pad_mode is not None:
+        return OpSpec(PAD, cls, {"pad": tuple(int(v) for v in m.padding), "mode": pad_mode})
     if isinstance(m, nn.PixelShuffle):
         return OpSpec(PIXEL_SHUFFLE, cls, {"factor": m.upscale_factor})
     if isinstance(m, nn.PixelUnshuffle):

@@ -29,6 +29,16 @@ _INPLACE_OPERATORS = {
 }
 
 
+# Ops whose output may share memory with their first argument (a view): an
+# in-place op on either changes both.
+_VIEW_NAMES = frozenset((
+    "view view_as reshape reshape_as flatten unflatten ravel squeeze unsqueeze permute "
+    "transpose swapaxes swapdims movedim moveaxis t expand expand_as broadcast_to narrow "
+    "select chunk split tensor_split unbind unfold diagonal as_strided detach contiguous "
+    "getitem"
+).split())
+
+
 class Unsupported(Exception):
     """The walk met an op whose effect on the field it cannot state exactly."""
 
@@ -65,6 +75,8 @@ def walk(traced: TracedModel) -> dict[fx.Node, NodeInfo]:
     infos: dict[fx.Node, NodeInfo] = {}
     current: dict[fx.Node, object] = {}  # a node's field after in-place updates
     first = True
+    order = {n: k for k, n in enumerate(traced.graph.nodes)}
+    sharing = _sharing(traced, modules)
 
     def val_of(n: fx.Node) -> object:
         return current.get(n, infos[n].val)
@@ -87,8 +99,62 @@ def walk(traced: TracedModel) -> dict[fx.Node, NodeInfo]:
         if isinstance(infos[node].val, Val) and _mutates_first_arg(node):
             target = node.args[0]
             if isinstance(target, fx.Node):
+                if infos[node].val != val_of(target):
+                    _check_no_stale_alias(traced, node, target, sharing, order, ctx)
                 current[target] = infos[node].val
     return infos
+
+
+def _sharing(traced: TracedModel, modules: dict) -> dict[fx.Node, list[fx.Node]]:
+    """For each node, every node whose output shares memory with it (itself included).
+
+    A view, or the result of an in-place op, shares the memory of its first
+    argument; nodes chained that way form one group.
+    """
+    group_of: dict[fx.Node, list[fx.Node]] = {}
+    for node in traced.graph.nodes:
+        src = node.args[0] if node.args else None
+        aliases = isinstance(src, fx.Node) and (
+            _mutates_first_arg(node)
+            or (node.op in ("call_method", "call_function")
+                and ops._target_name(node) in _VIEW_NAMES)
+            or node.kwargs.get("inplace") is True
+            or (node.op == "call_module"
+                and getattr(modules.get(str(node.target)), "inplace", False) is True)
+        )
+        group = group_of[src] if aliases else []  # type: ignore[index]
+        group.append(node)
+        group_of[node] = group
+    return group_of
+
+
+def _check_no_stale_alias(traced: TracedModel, node: fx.Node, target: fx.Node,
+                          sharing: dict[fx.Node, list[fx.Node]], order: dict[fx.Node, int],
+                          ctx: _Ctx) -> None:
+    """Refuse an in-place op that changes a tensor another live node shares memory with.
+
+    The walk gives the mutated tensor (``target``) its new field, but a node
+    sharing its memory (a view taken of it, or the tensor it is a view of)
+    changes too, and a use of that node after ``node`` would still get the
+    old field.
+
+    Raises
+    ------
+    Unsupported
+        When such a node is used after ``node``.
+    """
+    for other in sharing[target]:
+        if other is node or other is target:
+            continue
+        later = [u for u in other.users
+                 if order[u] > order[node] and _has_tensor(traced.values.get(u))]
+        if later:
+            raise ctx.fail(
+                f"it changes in place a tensor that {traced.names[other]!r} shares memory "
+                f"with, and {traced.names[later[0]]!r} reads {traced.names[other]!r} "
+                "afterwards; camkit cannot follow a field through such aliasing (write the "
+                "update out of place, e.g. y = y + z)"
+            )
 
 
 def _mutates_first_arg(node: fx.Node) -> bool:
@@ -290,9 +356,12 @@ class _Ctx:
         w: ops.Window = self.spec.params["window"]
         ndim = m.dim()
         labels, axes = list(v.labels), list(v.axes)
-        for t, _, lab in self._spatial_dims(v, ndim):
+        for t, k, lab in self._spatial_dims(v, ndim):
             if lab is None:
                 continue
+            if w.padding_mode != "zeros":
+                out = self.out[0] if isinstance(self.out, (tuple, list)) else self.out
+                self._check_filled_padding(w, t, m.shape[k], out.shape[k])
             a = _AXIS[lab]
             first = -w.before[t]
             last = first + w.dilation[t] * (w.kernel[t] - 1)
@@ -303,6 +372,51 @@ class _Ctx:
         result = Val(tuple(labels), (axes[0], axes[1]))
         result = self.absorb(result)
         return _like(self.out, lambda t: result)  # max-pool with indices gives two outputs
+
+    def _check_filled_padding(self, w: ops.Window, t: int, n: int, o: int) -> None:
+        """Refuse a padding filled from the map unless every window reads only its own cells.
+
+        With ``padding_mode`` "reflect" or "replicate" a window that hangs over the
+        border reads cells mirrored (or repeated) from inside the map. When those
+        lie inside the part of the window that is already in the map, the window
+        sees exactly what it would see with zero padding, so the sliding-window
+        field stays exact; otherwise (and always for "circular", which wraps to
+        the far side) it does not.
+
+        Parameters
+        ----------
+        w : Window
+            The convolution's window.
+        t : int
+            Which of the window's two dims (0 rows, 1 columns).
+        n, o : int
+            Cells of the map along that dim before and after the op.
+        """
+        if w.before[t] <= 0 and w.after[t] <= 0:
+            return
+        k_eff = w.dilation[t] * (w.kernel[t] - 1) + 1
+        first = -w.before[t]  # window of cell 0: first .. first + k_eff - 1
+        last = w.stride[t] * (o - 1) - w.before[t]  # window of the last cell
+        mode = w.padding_mode
+        axis = "rows" if t == 0 else "columns"
+        if mode == "reflect":  # cell -c reads c, and cell n - 1 + c reads n - 1 - c
+            ok = (first >= 0 or 2 * first + k_eff - 1 >= 0) and (
+                last + k_eff - 1 <= n - 1 or 2 * last + k_eff - 1 <= 2 * (n - 1))
+        elif mode == "replicate":  # cells past the border read the border cell
+            ok = first + k_eff - 1 >= 0 and last <= n - 1
+        else:
+            raise self.fail(
+                f"padding_mode={mode!r} along {axis}: a window at one border reads cells "
+                "from the other border, so the field is not a sliding window"
+            )
+        if not ok:
+            limit = ("of at most half the window" if mode == "reflect"
+                     else "while every window overlaps the map")
+            raise self.fail(
+                f"padding_mode={mode!r} along {axis}: a window at the border reads cells of "
+                "the map outside its own window, so the field is not a sliding window; "
+                f"camkit follows {mode!r} padding {limit}"
+            )
 
     def _mix_dim(self, labels: list, axes: list, k: int, shape: tuple[int, ...],
                  keep_label: bool = False) -> None:
@@ -415,6 +529,7 @@ class _Ctx:
     def rule_pad(self) -> Val:
         v, m = self.primary()
         pad = self.spec.params["pad"]
+        mode = self.spec.params.get("mode", "constant")
         ndim = m.dim()
         axes = list(v.axes)
         for j in range(len(pad) // 2):
@@ -422,6 +537,13 @@ class _Ctx:
             lab = v.labels[k] if k >= 0 else None
             if lab is None:
                 continue
+            if mode != "constant" and max(pad[2 * j], pad[2 * j + 1]) > 0:
+                raise self.fail(
+                    f"{mode!r} padding: the added cells repeat cells from inside the map, so "
+                    "they do not continue its sliding window; camkit follows constant "
+                    "padding only (a Conv2d with padding_mode='reflect' or 'replicate' of at "
+                    "most half its window is fine)"
+                )
             shift = QuasiAffine.affine(1, -pad[2 * j])
             axes[_AXIS[lab]] = axes[_AXIS[lab]].mapped(shift, shift)
         return Val(v.labels, (axes[0], axes[1]))

@@ -17,7 +17,7 @@ from torch import nn
 
 from camkit._hooks import LayerCapture, ModelState
 from camkit.errors import CamkitError
-from camkit.layers import resolve_target_layers
+from camkit.layers import enclosing_block_name, resolve_target_layers
 from camkit.targets import OutputSelector, Targets, select_output, target_scores
 
 __all__ = [
@@ -215,7 +215,10 @@ class CAM:
         Parameters
         ----------
         images
-            ``(N, C, H, W)`` batch. It is moved to the model's device and floating dtype.
+            ``(N, C, H, W)`` batch, moved to the model's device. Floating images are cast to
+            the model's floating dtype; integer images (``uint8``) are passed unchanged, for
+            models that convert and normalise them themselves: camkit does not guess a
+            scaling.
         targets
             ``None`` (each image's top class), an int (one class for all), a sequence,
             array or 1-D tensor of one class per image, a 2-D ``(N, K)`` tensor of K classes
@@ -233,31 +236,33 @@ class CAM:
         state = ModelState(self.model)
         try:
             self.model.eval()
-            with torch.inference_mode(False), torch.no_grad(), LayerCapture(layers) as capture:
-                output = self.model(x)
-                missing = capture.missing()
-                if missing:
-                    raise CamkitError(
-                        f"target layer(s) {', '.join(map(repr, missing))} did not run during "
-                        "the forward pass (a branch that is skipped in eval mode, such as an "
-                        "auxiliary head?). Pick a layer that runs: camkit.list_layers(model)."
-                    )
-                logits = select_output(output, self.output)
-                scores, indices = target_scores(targets, logits)
+            with torch.inference_mode(False):
+                # The hooks live for the model's forward only: whatever runs afterwards (the
+                # output selector, a targets callable, even another CAM) does not reach them.
+                with torch.no_grad(), LayerCapture(layers) as capture:
+                    output = self.model(x)
+                self._check_capture(capture, layers, x)
+                with torch.enable_grad():
+                    logits = select_output(output, self.output)
+                    scores, indices = target_scores(targets, logits)
                 if not scores.requires_grad:
                     raise CamkitError(
                         "the explained scores do not depend on the target layer's output; "
                         "check that the layer lies on the path to the selected output."
                     )
                 activations = [capture.activations[name] for name, _ in layers]
-                gradients = _gradients(scores, activations)
+                gradients = _gradients(scores, activations, [name for name, _ in layers])
+                # Let go of the graph (kept by a batched backward) before the maps are made.
+                activations = [a.detach() for a in activations]
+                scores, logits = scores.detach(), logits.detach()
+                del output, capture
         finally:
             state.restore()
 
         size = tuple(x.shape[-2:])
         per_layer = {}
         for (name, _), act, grad in zip(layers, activations, gradients):
-            per_layer[name] = self._layer_maps(name, act.detach(), grad, scores.ndim, size, relu)
+            per_layer[name] = self._layer_maps(name, act, grad, scores.ndim, size, relu)
         first = next(iter(per_layer.values()))
         if len(per_layer) == 1:
             maps, degenerate = first.maps, first.degenerate
@@ -268,12 +273,43 @@ class CAM:
             maps=maps,
             raw=first.raw,
             targets=indices,
-            scores=scores.detach().float(),
-            output=logits.detach().float(),
+            scores=scores.float(),
+            output=logits.float(),
             layer="+".join(per_layer),
             degenerate=degenerate,
             per_layer=per_layer,
         )
+
+    def _check_capture(
+        self, capture: LayerCapture, layers: list[tuple[str, nn.Module]], x: torch.Tensor
+    ) -> None:
+        """Raise if a target layer did not run, or ran more than once, in the forward."""
+        missing = capture.missing()
+        if missing:
+            raise CamkitError(
+                f"target layer(s) {', '.join(map(repr, missing))} did not run during the "
+                "forward pass (a branch that is skipped in eval mode, such as an auxiliary "
+                "head?). Pick a layer that runs: camkit.list_layers(model)."
+            )
+        for name, count in capture.repeated().items():
+            try:
+                block = enclosing_block_name(self.model, name, x[:1])
+            except CamkitError:  # only the hint is lost; the error below still stands
+                block = None
+            instead = (
+                f"Use the enclosing block {block!r}, which runs once, or another module "
+                "that runs once"
+                if block is not None
+                else "No module enclosing it runs exactly once; choose another module that "
+                "runs once"
+            )
+            module = dict(layers)[name]
+            raise CamkitError(
+                f"target layer {name!r} ({type(module).__name__}) ran {count} times in one "
+                "forward pass, so its activation is ambiguous (a shared module such as "
+                f"torchvision's BasicBlock.relu is called more than once). {instead}; "
+                "camkit.list_layers(model) marks modules that run more than once."
+            )
 
     def _prepare(self, images: torch.Tensor) -> torch.Tensor:
         if not isinstance(images, torch.Tensor):
@@ -330,7 +366,10 @@ class CAM:
             mode="bilinear",
             align_corners=False,
         ).reshape(*positive.shape[:-2], *size)
-        maps, degenerate = _scale(upsampled)
+        # Flatness is judged at the layer's resolution: interpolating a constant map (a 1 x 1
+        # final map, say) leaves float32 rounding ripples that min-max scaling would inflate.
+        flat = positive.amax(dim=(-2, -1)) == positive.amin(dim=(-2, -1))
+        maps, degenerate = _scale(upsampled, flat)
         return LayerMaps(name, maps, positive if relu else signed, degenerate)
 
     def _reshape_batched(self, g: torch.Tensor, score_dims: int) -> torch.Tensor:
@@ -342,42 +381,80 @@ class CAM:
 
 
 def _gradients(
-    scores: torch.Tensor, activations: list[torch.Tensor]
+    scores: torch.Tensor, activations: list[torch.Tensor], names: list[str]
 ) -> list[torch.Tensor]:
     """d(scores)/d(activation) per image; ``(N, K, ...)`` for ``(N, K)`` scores.
 
     Images do not interact in eval mode, so the gradient of the summed scores holds each
     image's own gradient. ``K`` scores per image use one batched backward pass, with a loop
-    as the fallback for operations that the batched backward does not support.
+    as the fallback for operations that the batched backward does not support; the batched
+    attempt keeps the graph so that the fallback can still run after it fails half-way.
+
+    Raises
+    ------
+    CamkitError
+        When the scores do not depend on one of the activations (``names`` gives the layers).
     """
     if scores.ndim == 1:
-        return list(torch.autograd.grad(scores.sum(), activations))
+        grads = list(torch.autograd.grad(scores.sum(), activations, allow_unused=True))
+        _require_used(grads, names)
+        return grads
     n, k = scores.shape
     basis = torch.eye(k, dtype=scores.dtype, device=scores.device)
     grad_outputs = basis[:, None, :].expand(k, n, k)
     try:
-        batched = torch.autograd.grad(
-            scores, activations, grad_outputs=grad_outputs, is_grads_batched=True
-        )
+        batched = list(torch.autograd.grad(
+            scores, activations, grad_outputs=grad_outputs, is_grads_batched=True,
+            retain_graph=True, allow_unused=True,
+        ))
     except RuntimeError:
         per_class = [
-            torch.autograd.grad(scores[:, j].sum(), activations, retain_graph=j < k - 1)
+            torch.autograd.grad(
+                scores[:, j].sum(), activations, retain_graph=j < k - 1, allow_unused=True
+            )
             for j in range(k)
         ]
+        _require_used(list(per_class[0]), names)
         batched = [torch.stack(parts) for parts in zip(*per_class)]
+    _require_used(batched, names)
     return [g.transpose(0, 1) for g in batched]
 
 
-def _scale(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _require_used(gradients: list[torch.Tensor | None], names: list[str]) -> None:
+    unused = [name for name, g in zip(names, gradients) if g is None]
+    if unused:
+        raise CamkitError(
+            f"the explained scores do not depend on target layer(s) "
+            f"{', '.join(map(repr, unused))}; check that each layer lies on the path to the "
+            "selected output (output=...)."
+        )
+
+
+def _scale(
+    maps: torch.Tensor, flat: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-map min-max scaling over the last two axes, with no epsilon.
 
-    A map without spatial variation (all zeros, or constant) cannot be scaled: it becomes
-    all zeros and is flagged.
+    Parameters
+    ----------
+    maps
+        ``(..., H, W)`` non-negative maps.
+    flat
+        ``(...)`` booleans marking maps already known to carry no spatial variation (their
+        layer-resolution map is constant), whatever ``maps`` itself shows.
+
+    Returns
+    -------
+    scaled, degenerate
+        The scaled maps, and where a map could not be scaled (no variation, for instance
+        no positive value, or marked ``flat``): such a map is all zeros.
     """
     low = maps.amin(dim=(-2, -1), keepdim=True)
     high = maps.amax(dim=(-2, -1), keepdim=True)
     span = high - low
     ok = (span > 0) & (high > 0)
+    if flat is not None:
+        ok = ok & ~flat[..., None, None]
     scaled = torch.where(ok, (maps - low) / torch.where(ok, span, 1), 0)
     return scaled.clamp(0, 1), ~ok[..., 0, 0]
 

@@ -225,7 +225,8 @@ def explain_dataset(
         A map-style :class:`~torch.utils.data.Dataset` yielding ``(image, label)`` (or just
         images), or a :class:`~torch.utils.data.DataLoader` over one: its collate function,
         workers and batch size are reused, its order is not (images are explained in
-        ascending index; a subset sampler limits which).
+        ascending index; a subset sampler limits which, a ``DistributedSampler`` counts as
+        the whole dataset, and a sampler drawing with replacement is refused).
     out
         Folder for the results: new, empty, or holding a previous run of the same arguments.
     batch_size
@@ -300,6 +301,7 @@ def explain_dataset(
                 "length": len(source.dataset),
                 "images": plan.num_images,
                 "subset": _digest(source.positions) if source.subset else None,
+                **_dataset_settings(source.dataset),
             },
             "batch_size": plan.batch_size,
             "shard_size": plan.shard_size,
@@ -310,13 +312,15 @@ def explain_dataset(
         }
         key = fingerprint(description)
         _agree(group, key)
-        error = None
+        failure: BaseException | None = None
         if group.rank == 0:
             try:
                 check_or_create(out, description)
-            except CamkitError as err:
-                error = str(err)
-        error = group.broadcast(error)
+            except Exception as err:  # every rank must hear of it, or the others wait
+                failure = err
+        error = group.broadcast(None if failure is None else str(failure))
+        if failure is not None:
+            raise failure
         if error is not None:
             raise CamkitError(error)
 
@@ -324,7 +328,6 @@ def explain_dataset(
         files.folder.mkdir(exist_ok=True)
         settings = _Settings(targets, keep, np.dtype(map_dtype) if keep == "maps"
                              else np.dtype(np.float32), small_shape)
-        failure: BaseException | None = None
         try:
             _run_rank(cam, source, plan, files, settings, group, device, progress)
         except BaseException as err:
@@ -479,11 +482,17 @@ def _split_batch(batch: Any, n: int) -> tuple[torch.Tensor, torch.Tensor | None]
 
 
 def _labels(value: Any, n: int) -> torch.Tensor | None:
-    """One integer label per image, or ``None`` when the second item is something else."""
+    """One integer label per image, or ``None`` when the second item is something else.
+
+    Labels stored as one-element tensors (``torch.tensor([3])``) collate to ``(n, 1)``;
+    they are read as ``(n,)``.
+    """
     try:
         labels = torch.as_tensor(value)
     except (TypeError, ValueError, RuntimeError):
         return None
+    if labels.ndim == 2 and labels.shape == (n, 1):
+        labels = labels[:, 0]
     if labels.ndim != 1 or labels.shape[0] != n or labels.dtype.is_floating_point \
             or labels.dtype in (torch.bool, torch.complex64, torch.complex128):
         return None
@@ -532,6 +541,17 @@ def _digest(positions: np.ndarray) -> str:
     import hashlib
 
     return hashlib.sha256(np.ascontiguousarray(positions, dtype=np.int64).tobytes()).hexdigest()
+
+
+def _dataset_settings(dataset: Any) -> dict[str, Any]:
+    """What a dataset made by camkit itself (the command line's) says about its contents.
+
+    Such a dataset has a ``_camkit_settings()`` method returning JSON-serialisable values
+    (which files, which preprocessing), so that a rerun on other images or with other
+    preprocessing is refused rather than resumed. Other datasets add nothing.
+    """
+    describe = getattr(dataset, "_camkit_settings", None)
+    return {"settings": describe()} if callable(describe) else {}
 
 
 def _model_device(cam: CAM) -> torch.device:

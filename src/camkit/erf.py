@@ -192,6 +192,11 @@ def effective_receptive_field(
     if not isinstance(model, nn.Module):
         raise CamkitError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     name, module = _resolve(model, layer)
+    if model_device(model).type == "meta":
+        raise CamkitError(
+            f"{type(model).__name__} is on the meta device, which holds no values to take "
+            "gradients of; build it on a real device, e.g. the CPU"
+        )
     mass = _check_mass(mass)
     if isinstance(n_inputs, bool) or not isinstance(n_inputs, int) or n_inputs < 1:
         raise CamkitError(f"n_inputs={n_inputs!r} must be a positive int")

@@ -4,7 +4,9 @@ Resolution order (see ``docs/layers.md``):
 
 1. an explicit ``target_layer``: a dotted name from ``model.named_modules()``, the module
    object itself, or a list of either;
-2. else the first adapter (:mod:`camkit.adapters`) that recognises the architecture;
+2. else the first adapter (:mod:`camkit.adapters`) that recognises the architecture,
+   checked by one dry forward when the real input is known (its layer must still give a
+   map with height and width > 1 there, else the heuristic decides);
 3. else the heuristic over one dry forward: the last module whose output is a 4-D map with
    height and width > 1, taking the outermost module that returns that same tensor
    (``layer4`` over ``layer4.1`` over ``layer4.1.relu``).
@@ -12,19 +14,19 @@ Resolution order (see ``docs/layers.md``):
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import itertools
 import logging
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from camkit._layers_heuristic import LIST_HINT, is_map, no_map_error, pick_from_trace
-from camkit._layers_table import LayerInfo, LayerTable
+from camkit._layers_heuristic import LIST_HINT, Pick, is_map, no_map_error, pick_from_trace
+from camkit._layers_table import LayerInfo, LayerTable, shape_text
 from camkit._trace import Trace, trace_forward
 from camkit.adapters import Adapter, find_adapter
 from camkit.adapters._base import first_conv_channels, timm_input_size
@@ -76,6 +78,34 @@ def _require_parameters(model: nn.Module) -> None:
         )
 
 
+def _refuse_lazy_guess(model: nn.Module) -> None:
+    """Refuse a dry run at a guessed size while lazy modules still wait for their shapes.
+
+    The first forward fixes a lazy module's parameter shapes for good, so a dry run on a
+    guessed input (say 3 channels for a grayscale model) would break the model.
+    """
+    lazy = next(
+        (name for name, module in model.named_modules() if _has_lazy_parameters(module)), None
+    )
+    if lazy is not None:
+        where = f"{lazy!r}" if lazy else "the model itself"
+        raise CamkitError(
+            f"{type(model).__name__} has uninitialised lazy parameters ({where}); a dry run "
+            "on a guessed input size would fix their shapes to that size for good. Call the "
+            "CAM with a real batch, run the model once yourself, or give the size to "
+            "camkit.list_layers(model, input_size=(C, H, W))."
+        )
+
+
+def _has_lazy_parameters(module: nn.Module) -> bool:
+    return any(
+        torch.nn.parameter.is_lazy(tensor)
+        for tensor in itertools.chain(
+            module.parameters(recurse=False), module.buffers(recurse=False)
+        )
+    )
+
+
 def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     for tensor in itertools.chain(model.parameters(), model.buffers()):
         if tensor.is_floating_point():
@@ -86,7 +116,7 @@ def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
 # --------------------------------------------------------------------------- the dry run
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class _DryInput:
     tensor: torch.Tensor
     description: str  # what was tried, in words, for error messages
@@ -148,6 +178,7 @@ def _input_of_size(model: nn.Module, size: tuple[int, int, int]) -> _DryInput:
 def _dry_input(model: nn.Module, example_input: Any, adapter: Adapter | None) -> _DryInput:
     if example_input is not None:
         return _input_from_example(model, example_input)
+    _refuse_lazy_guess(model)
     return _input_of_size(model, _default_size(model, adapter))
 
 
@@ -276,6 +307,34 @@ def _adapter_pick(model: nn.Module) -> tuple[Adapter | None, str | None]:
     return adapter, name
 
 
+def _checked_pick(
+    model: nn.Module, trace: Trace, adapter: Adapter | None, adapter_name: str | None
+) -> Pick:
+    """The adapter's layer if it gave a map with H, W > 1 in ``trace``, else the heuristic's.
+
+    An adapter names its layer without seeing the input; on a small one (a ResNet on 32 px
+    images) that layer's map is 1x1, and Grad-CAM on a 1x1 map cannot localise anything.
+    """
+    if adapter is None or adapter_name is None:
+        return pick_from_trace(trace)
+    module = model.get_submodule(adapter_name)
+    hooked = next((r.name for r in trace.records.values() if r.module is module), None)
+    tensors = [c.tensor for c in trace.calls if c.name == hooked]
+    if tensors and is_map(tensors[-1]):
+        return Pick(adapter_name, f"adapter: {adapter.family}")
+    if hooked is None:
+        outcome = "does not run"
+    else:
+        outcome = f"gives {shape_text(trace.records[hooked].output)}"
+    fallback = pick_from_trace(trace)
+    why = (
+        f"heuristic; the {adapter.family} adapter's {adapter_name!r} {outcome} at this "
+        "input, no map to localise on"
+    )
+    _log.info("%s: using the heuristic", why)
+    return dataclasses.replace(fallback, why=why) if fallback.name is not None else fallback
+
+
 def resolve_target_layers(
     model: nn.Module,
     target_layer: LayerSpec | Sequence[LayerSpec] | None,
@@ -292,9 +351,10 @@ def resolve_target_layers(
         ``None`` (automatic: adapter, else heuristic), a dotted name from
         ``model.named_modules()``, a module inside ``model``, or a sequence of those.
     example_input
-        A real batch, used (its first image) for the dry forward when the heuristic is needed.
-        Without it, the dry forward uses the adapter's or the model's canonical size, else
-        224 x 224.
+        A real batch, used (its first image) for the dry forward: the heuristic's, or the
+        check that an adapter's layer still is a map larger than 1x1 at this size. Without
+        it, an adapter's layer is taken unchecked, and the heuristic's dry forward uses the
+        adapter's or the model's canonical size, else 224 x 224.
 
     Returns
     -------
@@ -305,8 +365,8 @@ def resolve_target_layers(
     ------
     CamkitError
         For an unknown name (with the closest names), a module outside the model, a model
-        without any 4-D feature map, a model without parameters, a TorchScript model, or a
-        dry forward that fails.
+        without any 4-D feature map, a model without parameters, a TorchScript model, a
+        dry forward that fails, or uninitialised lazy modules without ``example_input``.
     """
     root = _unwrap(model)
     if target_layer is None:
@@ -338,6 +398,19 @@ def resolve_target_layers(
 def _auto(model: nn.Module, example_input: torch.Tensor | None) -> tuple[str, nn.Module]:
     _require_parameters(model)
     adapter, name = _adapter_pick(model)
+    if name is not None and example_input is not None:
+        # The real input is known: check that the adapter's layer still is a map at its size.
+        dry = _input_from_example(model, example_input)
+        try:
+            trace = trace_forward(model, dry.tensor)
+        except Exception:  # the real call will say what is wrong; trust the adapter here
+            _log.debug("dry run failed; keeping adapter %r's layer", adapter.family)
+        else:
+            pick = _checked_pick(model, trace, adapter, name)
+            if pick.name is None:
+                raise no_map_error(model, trace, dry.description, pick)
+            _log.info("camkit picked layer %r (%s)", pick.name, pick.why)
+            return pick.name, model.get_submodule(pick.name)
     if name is not None:
         _log.info("camkit picked layer %r (adapter: %s)", name, adapter.family)
         return name, model.get_submodule(name)
@@ -404,7 +477,8 @@ def list_layers(model: nn.Module, input_size: Any = None) -> LayerTable:
         mode is restored and no hook is left.
     input_size
         ``(C, H, W)``, ``(H, W)`` or an int (square). ``None``: the adapter's or the model's
-        canonical size, else 224 x 224 with the stem's channel count.
+        canonical size, else 224 x 224 with the stem's channel count (refused while lazy
+        modules have not run: the dry run would fix their shapes).
 
     Returns
     -------
@@ -414,14 +488,15 @@ def list_layers(model: nn.Module, input_size: Any = None) -> LayerTable:
     """
     root = _unwrap(model)
     adapter, adapter_name = _adapter_pick(root)
-    size = _default_size(root, adapter) if input_size is None else _as_size(root, input_size)
+    if input_size is None:
+        _refuse_lazy_guess(root)
+        size = _default_size(root, adapter)
+    else:
+        size = _as_size(root, input_size)
     dry = _input_of_size(root, size)
     trace = _run(root, dry)
-    if adapter is not None and adapter_name is not None:
-        picked, reason = adapter_name, f"adapter: {adapter.family}"
-    else:
-        pick = pick_from_trace(trace)
-        picked, reason = pick.name, pick.why
+    pick = _checked_pick(root, trace, adapter, adapter_name)
+    picked, reason = pick.name, pick.why
     maps = {c.name for c in trace.calls if is_map(c.tensor)}
     rows = [
         LayerInfo(

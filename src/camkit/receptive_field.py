@@ -460,7 +460,7 @@ def receptive_field(
                 detail = exc if why.startswith("the model is on") else why
                 raise CamkitError(
                     f"{type(model).__name__} does not run on an input of size (N, {size[0]}, "
-                    f"{size[1]}, {size[2]}): {detail}. Pass an input_size the model accepts."
+                    f"{size[1]}, {size[2]}): {detail}. {_size_advice(model)}"
                 ) from exc
             reason = f"the traced graph fails where the model runs ({exc})"
             cause = exc
@@ -473,6 +473,12 @@ def receptive_field(
                 f"{reason}. Use method='measured' (or 'auto') to measure it from input "
                 "gradients instead."
             ) from cause
+        if model_device(model).type == "meta":
+            raise CamkitError(
+                f"cannot compute the receptive field of {type(model).__name__} analytically "
+                f"({reason}), and a model on the meta device cannot be measured either (that "
+                "takes input gradients); build the model on a real device, e.g. the CPU"
+            ) from cause
         warnings.warn(
             f"camkit.receptive_field: {type(model).__name__} could not be analysed ({reason}); "
             "the fields were measured from input gradients instead (rf.method == 'measured'), "
@@ -481,15 +487,31 @@ def receptive_field(
             UserWarning,
             stacklevel=2,
         )
+    if model_device(model).type == "meta":
+        raise CamkitError(
+            f"method='measured' takes input gradients, which a model on the meta device "
+            f"cannot give; build {type(model).__name__} on a real device, e.g. the CPU"
+        )
     try:
         return _measured(model, size, n_inputs, seed, reason or "method='measured'")
     except Exception as exc:
         raise CamkitError(
             f"{type(model).__name__} does not run on an input of size (N, {size[0]}, "
-            f"{size[1]}, {size[2]}): {type(exc).__name__}: {_first_line(exc)}. Pass an "
-            "input_size the model accepts."
+            f"{size[1]}, {size[2]}): {type(exc).__name__}: {_first_line(exc)}. "
+            + _size_advice(model)
             + (f" (The graph could not be analysed either: {reason}.)" if reason else "")
         ) from exc
+
+
+def _size_advice(model: nn.Module) -> str:
+    """What to do about a model that rejects the input size."""
+    layers = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose3d)
+    if not any(isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) for m in model.modules()):
+        other = next((m for m in model.modules() if isinstance(m, layers)), None)
+        if other is not None:
+            return (f"camkit computes receptive fields of 2-D image models, whose input is "
+                    f"(N, C, H, W); this model is built from {type(other).__name__} layers.")
+    return "Pass an input_size the model accepts."
 
 
 def _run_error(model: nn.Module, size: tuple[int, int, int]) -> str | None:

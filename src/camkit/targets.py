@@ -108,6 +108,7 @@ def target_scores(
                 f"the targets callable returned {scores.shape[0]} scores for a batch of {n}; "
                 "return one score (or one row of K scores) per image."
             )
+        _require_classes(scores, "the targets callable returned")
         return scores, None
 
     if output.ndim != 2:
@@ -121,6 +122,7 @@ def target_scores(
         indices = output.detach().argmax(dim=1)
     else:
         indices = _as_index_tensor(targets, n, output.device)
+        _require_classes(indices, "targets has")
     if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= num_classes):
         bad = indices[(indices < 0) | (indices >= num_classes)][0].item()
         raise CamkitError(
@@ -132,6 +134,15 @@ def target_scores(
     else:
         scores = output.gather(1, indices)
     return scores, indices
+
+
+def _require_classes(values: torch.Tensor, what: str) -> None:
+    """Refuse an ``(N, 0)`` request: no class per image leaves nothing to explain."""
+    if values.ndim == 2 and values.shape[1] == 0:
+        raise CamkitError(
+            f"{what} shape {tuple(values.shape)}: no class to explain per image. Give at "
+            "least one class per image, (N, K) with K >= 1."
+        )
 
 
 def _as_index_tensor(targets: Any, n: int, device: torch.device) -> torch.Tensor:

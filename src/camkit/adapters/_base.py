@@ -47,10 +47,14 @@ def has_children(model: nn.Module, *names: str) -> bool:
 
 
 def first_conv_channels(model: nn.Module, default: int = 3) -> int:
-    """Input channels of the first ``Conv2d`` in definition order (the stem, as a rule)."""
+    """Input channels of the first ``Conv2d`` in definition order (the stem, as a rule).
+
+    A lazy conv that has not run yet (``in_channels == 0``) takes any channel count:
+    ``default``. The next conv's count says nothing about the input.
+    """
     for module in model.modules():
-        if isinstance(module, nn.Conv2d) and module.in_channels > 0:  # lazy convs report 0
-            return module.in_channels
+        if isinstance(module, nn.Conv2d):
+            return module.in_channels if module.in_channels > 0 else default
     return default
 
 
