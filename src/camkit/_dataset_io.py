@@ -224,7 +224,6 @@ class ShardWriter:
         self.small_shape = small_shape
         self.num_outputs = 0
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_pending)
-        self._abort = threading.Event()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="camkit-shard-writer", daemon=True)
         self._thread.start()
@@ -246,8 +245,11 @@ class ShardWriter:
             raise self._error
 
     def abort(self) -> None:
-        """Stop without finishing the open shard; its temporary file is removed."""
-        self._abort.set()
+        """Stop after the batches already queued (at most ``max_pending``) are written.
+
+        Shards whose last batch was queued are finished, so a rerun need not compute them
+        again; the shard left open is not, and its temporary file is removed.
+        """
         self._stop()
 
     def _stop(self) -> None:
@@ -270,7 +272,7 @@ class ShardWriter:
         try:
             while True:
                 item = self._queue.get()
-                if item is _STOP or self._abort.is_set():
+                if item is _STOP:
                     break
                 shard, last, batch = item
                 arrays = {
