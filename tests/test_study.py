@@ -346,3 +346,17 @@ def test_embedded_subset_is_the_original_images():
     assert np.bincount(sub["y_train"]).tolist() == [400] * 10
     assert np.bincount(sub["y_test"]).tolist() == [100] * 10
     assert tuple(sub["classes"]) == data.FMNIST_CLASSES
+
+
+def test_least_coverage_by_hand():
+    from study.report import least_coverage
+
+    def rf(size, stride, padding):
+        return {"size": [size] * 2, "stride": [stride] * 2, "padding": [padding] * 2}
+
+    # ResNet-10 of the study: cell 0 sees rows -24..24, i.e. 25 of the 28 rows; others all.
+    assert least_coverage(rf(49, 8, 24), [4, 4], [28, 28]) == pytest.approx((25 / 28) ** 2)
+    assert least_coverage(rf(109, 8, 54), [4, 4], [28, 28]) == 1.0
+    # A 3x3 stride-2 conv with padding 1: the corner cell sees rows 0..1 and cols 0..1.
+    assert least_coverage(rf(3, 2, 1), [14, 14], [28, 28]) == pytest.approx((2 / 28) ** 2)
+    assert least_coverage({"size": None}, [4, 4], [28, 28]) is None

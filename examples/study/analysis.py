@@ -146,14 +146,18 @@ class FieldInfo:
             "note": self.note,
         }
 
-    def hottest_box(self, raw_map: torch.Tensor) -> tuple[tuple[int, int], Any] | None:
-        """The hottest cell ``(i, j)`` of one raw map and the input box it sees (clipped)."""
+    def hottest_box(self, raw_map: torch.Tensor) -> tuple[tuple[int, int], Any, Any] | None:
+        """The hottest cell ``(i, j)`` of one raw map and the input box it sees.
+
+        Returns the cell, the box clipped to the image and the unclipped box (which may
+        reach beyond the image on every side when the field is larger than the image).
+        """
         if self.entry is None:
             return None
         w = raw_map.shape[-1]
         flat = int(torch.argmax(raw_map.reshape(-1)))
         i, j = divmod(flat, w)
-        return (i, j), self.entry.box(i, j)
+        return (i, j), self.entry.box(i, j), self.entry.box(i, j, clip=False)
 
 
 def _pair(value: Any) -> tuple[int, int]:

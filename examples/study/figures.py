@@ -108,7 +108,8 @@ def gradcam_grid(
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    # "tight" keeps the column headers, which sit above the axes that tight_layout knows of
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -157,7 +158,9 @@ def receptive_fields(
     """Each model's Grad-CAM with its hottest cell and the input box that cell sees.
 
     ``columns[name]`` holds ``label``, ``maps`` (k, H, W), ``cells`` (k pairs or None),
-    ``boxes`` (k clipped boxes or None), ``rf`` (size, stride) or None.
+    ``boxes`` (k clipped boxes or None), ``full_boxes`` (the same boxes unclipped) and ``rf``
+    (size, stride) or None. The view is widened to the unclipped box, so a field larger than
+    the image shows as a frame around it.
     """
     rows, cols = len(images), len(columns)
     fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.5 * rows + 0.4), squeeze=False)
@@ -165,29 +168,36 @@ def receptive_fields(
         for r in range(rows):
             ax = axes[r, c]
             rgb = _display(images[r])
+            h, w = rgb.shape[:2]
             ax.imshow(camkit.overlay(rgb, info["maps"][r], alpha=0.35), interpolation="nearest")
-            ax.set_xlim(-0.5, rgb.shape[1] - 0.5)
-            ax.set_ylim(rgb.shape[0] - 0.5, -0.5)
+            ax.add_patch(Rectangle((-0.5, -0.5), w, h, fill=False, edgecolor="grey",
+                                   linewidth=1))
+            if r == 0:
+                size = f" (RF {info['rf'][0][0]} px)" if info.get("rf") and info["rf"][0] else ""
+                ax.text(0.5, 1.22, f"{info['label']}{size}", transform=ax.transAxes,
+                        ha="center", fontsize=9, fontweight="bold")
             if info.get("boxes") is None:
+                ax.set_xlim(-0.5, w - 0.5)
+                ax.set_ylim(h - 0.5, -0.5)
                 ax.set_title("receptive field unavailable", fontsize=7)
                 continue
-            (i, j), box = info["cells"][r], info["boxes"][r]
+            (i, j), box, full = info["cells"][r], info["boxes"][r], info["full_boxes"][r]
             stride = info["rf"][1]
-            _draw_box(ax, box, "white")
+            _draw_box(ax, full, "limegreen")
             _draw_box(ax, (i * stride[0], j * stride[1], (i + 1) * stride[0],
                            (j + 1) * stride[1]), "magenta", "--")
-            ax.set_title(f"cell ({i},{j}): rows {box[0]}-{box[2] - 1}, "
+            top, left, bottom, right = full
+            ax.set_xlim(min(left, 0) - 1.5, max(right, w) + 0.5)
+            ax.set_ylim(max(bottom, h) + 0.5, min(top, 0) - 1.5)
+            ax.set_title(f"cell ({i},{j}) sees rows {box[0]}-{box[2] - 1}, "
                          f"cols {box[1]}-{box[3] - 1}", fontsize=7)
-            if r == 0:
-                ax.text(0.5, 1.25, f"{info['label']} (RF {info['rf'][0][0]} px)",
-                        transform=ax.transAxes, ha="center", fontsize=9, fontweight="bold")
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle("Hottest map cell (dashed: the cell's stride-sized patch) and the input box it "
-                 "sees (solid, clipped to the image)", fontsize=9)
+    fig.suptitle("Hottest map cell (dashed: its stride-sized patch) and the input box it sees "
+                 "(green, unclipped; grey: the image)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
     plt.close(fig)
 
 

@@ -66,7 +66,9 @@ def render(m: dict[str, Any], figure_dir: str = "") -> str:
         "(`ResNet(BasicBlock, [1, 1, 1, 1])`), untrained, with one change applied to all "
         f"three so that the target layer keeps a spatial map: {cfg['stem']}. The ImageNet stems "
         "(total stride 32) would leave a 1x1 map, whose Grad-CAM is a constant. The first "
-        "convolution takes the data's channels directly (1 for Fashion-MNIST).")
+        "convolution takes the data's channels directly (1 for Fashion-MNIST). Parameter "
+        f"counts are of these models with their {len(ds['classes'])}-class heads; the "
+        "original study's 11M / 3.4M / ~5M count ImageNet's 1000-class heads.")
     add(f"- **Schedule** (the same for all): {cfg['optimizer']}, {cfg['schedule']}, batch "
         f"{cfg['batch_size']}, {cfg['epochs']} epochs, augmentation: {cfg['augmentation']}. "
         f"Seeds {', '.join(map(str, seeds))}: each seed sets the training subset, the "
@@ -131,17 +133,28 @@ def render(m: dict[str, Any], figure_dir: str = "") -> str:
         "the effective receptive field (`camkit.effective_receptive_field`, Luo et al. 2016: "
         "the input gradient of the centre cell, averaged over validation images), whose "
         "standard deviation says how far from the centre the cell is actually sensitive.\n")
-    add("| model | target layer | map | RF size | stride | padding | ERF sd (px) | note |")
-    add("|---|---|---|---:|---:|---:|---:|---|")
-    for info in models.values():
+    add("| model | target layer | map | RF size | stride | padding | least image share one "
+        "cell sees | ERF sd (px) | note |")
+    add("|---|---|---|---:|---:|---:|---:|---:|---|")
+    image_hw = ds["image_shape"][1:]
+    coverage = {}
+    for name, info in models.items():
         rf = info["receptive_field"]
         erf_sd = info["summary"].get("erf_std")
         notes = [n for n in (rf.get("note"), info["effective_receptive_field"].get("note")) if n]
         grid = "x".join(map(str, info["target_map_size"]))
+        coverage[name] = least_coverage(rf, info["target_map_size"], image_hw)
         add(f"| {info['label']} | `{info['target_layer']}` | {grid} | "
             f"{_pair(rf['size'])} | {_pair(rf['stride'])} | {_pair(rf['padding'])} | "
-            f"{_spread(erf_sd, 2) if erf_sd else 'n/a'} | {'; '.join(notes)} |")
+            f"{_num(coverage[name], 2)} | {_spread(erf_sd, 2) if erf_sd else 'n/a'} | "
+            f"{'; '.join(notes)} |")
     add("")
+    whole = [models[k]["label"] for k, v in coverage.items() if v == 1.0]
+    if whole:
+        names = " and ".join([", ".join(whole[:-1]), whole[-1]] if len(whole) > 1 else whole)
+        add(f"Every cell of {names} sees the whole {image_hw[0]}x{image_hw[1]} image, so on "
+            "this data the size of the theoretical field cannot explain differences in where "
+            "the models look" + _erf_range(models) + ".\n")
     add("The hottest cell of each map and the input box it sees, on a few validation images "
         f"(seed {seeds[0]}):\n")
     add(f"![Receptive fields]({fig['receptive_fields']})\n")
@@ -177,6 +190,32 @@ def render(m: dict[str, Any], figure_dir: str = "") -> str:
         "are coarse; the upsampled maps interpolate between cells.")
     add("")
     return "\n".join(out) + "\n"
+
+
+def _erf_range(models: dict[str, Any]) -> str:
+    """``; the effective fields' standard deviations span a-b px``, or nothing if unknown."""
+    sds = [info["summary"]["erf_std"]["mean"] for info in models.values()
+           if info["summary"].get("erf_std")]
+    if not sds:
+        return ""
+    return (f"; the effective fields are narrower, with standard deviations of "
+            f"{min(sds):.1f}-{max(sds):.1f} px")
+
+
+def least_coverage(rf: dict[str, Any], cells: list[int], image_hw: list[int]) -> float | None:
+    """The smallest share of the image that one cell of the target layer sees.
+
+    Per axis, cell ``i`` sees input rows ``[S i - P, S i - P + r)`` clipped to the image; the
+    least share is the product over the axes of the shortest clipped extent over the cells,
+    divided by the image's extent. ``None`` when the field is unknown.
+    """
+    if not rf.get("size"):
+        return None
+    share = 1.0
+    for r, s, p, n, length in zip(rf["size"], rf["stride"], rf["padding"], cells, image_hw):
+        seen = [min(s * i - p + r, length) - max(s * i - p, 0) for i in range(n)]
+        share *= max(min(seen), 0) / length
+    return share
 
 
 def _conclusion(m: dict[str, Any]) -> str:

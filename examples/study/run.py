@@ -269,6 +269,7 @@ def _write_figures(out_dir, pools, per_model, metrics, grid_images, grid_labels,
             "maps": explained.maps[rf_idx].numpy(),
             "cells": [h[0] for h in hot] if rf.entry is not None else None,
             "boxes": [tuple(h[1]) for h in hot] if rf.entry is not None else None,
+            "full_boxes": [tuple(h[2]) for h in hot] if rf.entry is not None else None,
             "rf": (rf.size, rf.stride),
         }
         box = None
@@ -276,7 +277,7 @@ def _write_figures(out_dir, pools, per_model, metrics, grid_images, grid_labels,
             box = tuple(rf.entry.box(*erf.cell, clip=False))
         erf_cols[name] = {"label": label, "erf": erf.map, "box": box, "std": erf.std}
         models[name]["hottest_cells"] = [
-            {"image": int(i), "cell": list(h[0]), "box": list(h[1])}
+            {"image": int(i), "cell": list(h[0]), "box": list(h[1]), "box_unclipped": list(h[2])}
             for i, h in zip(rf_idx, hot) if h is not None
         ]
         models[name]["effective_receptive_field"] = erf.as_dict()
