@@ -99,7 +99,7 @@ def staged_call(cam, images, targets, clock):
             clock.stop()
             clock.start("backward")
             activation = capture.activations[name]
-            (gradient,) = cam_module._gradients(scores, [activation])
+            (gradient,) = cam_module._gradients(scores, [activation], [name])
             clock.stop()
     finally:
         if handle is not None:
@@ -117,7 +117,8 @@ def staged_call(cam, images, targets, clock):
                        align_corners=False)[:, 0]
     clock.stop()
     clock.start("scale")
-    maps, _ = cam_module._scale(up)
+    flat = positive.amax(dim=(-2, -1)) == positive.amin(dim=(-2, -1))
+    maps, _ = cam_module._scale(up, flat)
     clock.stop()
     return maps
 

@@ -69,3 +69,17 @@ def test_receptive_field_benchmark_smoke_run(tmp_path: Path) -> None:
     assert camkit["probe"]["stride"] == expected["layer4"].stride[0] == 32
     if "torchscan" in records:  # optional: recorded with its error when absent
         assert "ok" in records["torchscan"]
+
+
+def test_profile_replays_the_public_call_exactly(tmp_path: Path) -> None:
+    # The profile re-enacts CAM.__call__ stage by stage with camkit's private pieces: when the
+    # engine changes, the replay must still compute the very maps the public call returns.
+    _needs("torchvision")
+    _run("profile_cam.py", ["--models", "resnet18", "--batch", "2", "--reps", "1",
+                            "--allocators", "default", "--tag", "smoke"], tmp_path)
+    (record,) = json.loads((tmp_path / "smoke.json").read_text())
+    assert record["replay_max_abs_diff"] == 0.0
+    assert record["auto_layer"] == "layer4"
+    stages = ("prepare", "forward_to_layer", "head", "scores", "backward", "weights",
+              "combine", "upsample", "scale")
+    assert all(record["time_s"][s] >= 0 for s in stages)
