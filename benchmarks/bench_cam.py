@@ -6,7 +6,7 @@ rotates between rounds; a run during which other processes used more than ``--ma
 the CPUs is repeated. Results go to ``benchmarks/results/<tag>.{json,csv,md}`` and plots to
 ``benchmarks/results/<tag>_*.png``; a full run also refreshes the table in ``README.md``.
 
-    .venv/bin/python benchmarks/bench_cam.py            # full run (about 1.5 h on 2 cores)
+    .venv/bin/python benchmarks/bench_cam.py            # full run (about 45 min on 2 cores)
     .venv/bin/python benchmarks/bench_cam.py --quick    # smoke run, about a minute
 """
 
