@@ -162,6 +162,17 @@ def test_explain_without_checkpoint_uses_the_untrained_weights(files, capsys) ->
     np.testing.assert_array_equal(
         _read_rgb(files["dir"] / "cam.png"), _jet(np.zeros((HEIGHT, WIDTH)))
     )
+    assert "no --checkpoint" in capsys.readouterr().err
+    assert cli.main(_explain(files, "--checkpoint", str(files["checkpoint"]))) == 0
+    assert "no --checkpoint" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("out", ["", "{dir}", "/proc/camkit-test.png", "/dev/full"])
+def test_explain_out_that_cannot_be_written_is_one_line(files, capsys, out) -> None:
+    # An empty name, a folder, a place the kernel refuses, a device that is always full.
+    argv = _set(_explain(files), "--out", out.format(dir=files["dir"]))
+    line = _run_error(argv, capsys)
+    assert "--out" in line or "cannot write" in line
 
 
 def test_checkpoint_wrappers_and_nesting_are_understood(files, capsys) -> None:

@@ -32,6 +32,7 @@ from camkit._cli_models import (
     cam_from_args,
     model_from_args,
     normalisation,
+    note_if_untrained,
 )
 from camkit.errors import CamkitError
 
@@ -313,4 +314,5 @@ def run(args: argparse.Namespace) -> int:
             f", accuracy {overall['accuracy']:.3f} on {overall['labelled']} labelled"
         sys.stdout.write(f"explained {len(result)} images at layer {result.layer}{accuracy}; "
                          f"results in {result.out}\n")
+        note_if_untrained(args)
     return 0

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from camkit._cli_models import cam_from_args, model_from_args, normalisation
+from camkit._cli_models import cam_from_args, model_from_args, normalisation, note_if_untrained
 from camkit.errors import CamkitError
 from camkit.viz import overlay
 
@@ -87,9 +87,7 @@ def _per_channel(values: Sequence[float], channels: int, flag: str) -> list[floa
 def write_image(path: str, rgb: np.ndarray) -> None:
     """Write an RGB uint8 image; the format follows the file extension."""
     cv2 = _cv2()
-    file = Path(path)
-    if not file.parent.is_dir():
-        raise CamkitError(f"cannot write {path!r}: directory {str(file.parent)!r} does not exist.")
+    file = check_output_path(path)
     try:
         ok, encoded = cv2.imencode(file.suffix or ".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
     except cv2.error:
@@ -99,12 +97,37 @@ def write_image(path: str, rgb: np.ndarray) -> None:
             f"cannot write {path!r}: OpenCV has no encoder for extension {file.suffix!r}; use "
             ".png or .jpg."
         )
-    encoded.tofile(file)
+    try:
+        with open(file, "wb") as handle:  # unlike ndarray.tofile, reports a failed flush
+            handle.write(encoded.tobytes())
+    except OSError as err:
+        raise CamkitError(
+            f"cannot write {path!r}: {err.strerror or err}. Pass --out a writable file path, "
+            "e.g. --out ./cam.png"
+        ) from None
+
+
+def check_output_path(path: str) -> Path:
+    """The image file ``path`` as a :class:`~pathlib.Path`, refused early when it cannot be one.
+
+    Only what can be told without writing is checked here (an empty name, a folder, a
+    missing parent folder); :func:`write_image` reports what the write itself runs into.
+    """
+    file = Path(path)
+    if not path or file.is_dir():
+        raise CamkitError(
+            f"--out {path!r} is {'empty' if not path else 'a folder'}; pass an image file "
+            "path, e.g. --out ./cam.png"
+        )
+    if not file.parent.is_dir():
+        raise CamkitError(f"cannot write {path!r}: directory {str(file.parent)!r} does not exist.")
+    return file
 
 
 def explain(args: argparse.Namespace) -> int:
     """Run ``camkit explain`` (see ``camkit explain --help``)."""
     channels, height, width = args.input_size
+    check_output_path(args.out)  # before the model is built and run
     image = load_image(args.image, channels)
     batch = to_tensor(image, (height, width), *normalisation(channels, args.mean, args.std))
     cam = cam_from_args(args, model_from_args(args))
@@ -130,6 +153,7 @@ def explain(args: argparse.Namespace) -> int:
             "camkit: note: the map has no positive value, so the overlay shows none; this "
             "layer gives no positive evidence for the class.\n"
         )
+    note_if_untrained(args)
     return 0
 
 

@@ -44,6 +44,7 @@ __all__ = [
     "load_checkpoint",
     "model_from_args",
     "normalisation",
+    "note_if_untrained",
     "parse_model_args",
     "positive_int",
     "resolve_device",
@@ -180,6 +181,16 @@ def model_from_args(args: argparse.Namespace) -> nn.Module:
     if args.checkpoint is not None:
         load_checkpoint(model, args.checkpoint, trust_pickle=args.trust_pickle)
     return model.to(resolve_device(args.device))
+
+
+def note_if_untrained(args: argparse.Namespace) -> None:
+    """After a successful run without ``--checkpoint``, say that the weights were not loaded."""
+    if args.checkpoint is None:
+        sys.stderr.write(
+            f"camkit: note: no --checkpoint, so {args.model} kept the weights it was built "
+            "with (random for a torchvision name) and its maps show nothing learned; pass "
+            "--checkpoint PATH to explain a trained model.\n"
+        )
 
 
 def cam_from_args(args: argparse.Namespace, model: nn.Module) -> GradCAM:
