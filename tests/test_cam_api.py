@@ -80,8 +80,8 @@ def test_callable_targets_with_several_scores(tiny: Tiny, x: torch.Tensor) -> No
 @pytest.mark.parametrize(
     ("targets", "message"),
     [
-        ([1, 2], "2 entries but the batch has 3"),
-        (torch.zeros(4, 2, dtype=torch.long), "4 entries but the batch has 3"),
+        ([1, 2], "length 2 but the batch has length 3"),
+        (torch.zeros(4, 2, dtype=torch.long), "length 4 but the batch has length 3"),
         (7, "out of range"),
         (-1, "out of range"),
         ([0.5, 1.0, 2.0], "integers"),
@@ -183,6 +183,15 @@ def test_integer_images_reach_a_model_that_converts_them(x: torch.Tensor) -> Non
     result = GradCAM(model, "1.top")(images, [0, 1, 2])
     expected = GradCAM(tiny, "top")(images.float() / 255, [0, 1, 2])
     torch.testing.assert_close(result.maps, expected.maps)
+
+
+@pytest.mark.parametrize("layer", [None, "top"])  # the automatic layer's dry run, the call
+def test_integer_images_a_model_cannot_take_say_how_to_convert(tiny, x, layer) -> None:
+    images = (x * 40 + 128).clamp(0, 255).to(torch.uint8)
+    tiny.train()
+    with pytest.raises(CamkitError, match=r"integer images through unchanged.*float\(\) / 255"):
+        GradCAM(tiny, layer)(images)
+    assert tiny.training  # the model's mode survives the failed forward
 
 
 @pytest.mark.parametrize(

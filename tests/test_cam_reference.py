@@ -116,7 +116,9 @@ def test_one_by_one_final_map_is_flagged_not_rounding_noise(cls) -> None:
     # float32 rounding, which min-max scaling must not blow up into a [0, 1] pattern.
     torch.manual_seed(4)
     model = torchvision.models.resnet18(weights=None, num_classes=5).eval()
-    result = cls(model, "layer4")(torch.randn(3, 3, 32, 32))  # top classes
+    with pytest.warns(UserWarning, match="'layer4' gives a 1 x 1 map") as caught:
+        result = cls(model, "layer4")(torch.randn(3, 3, 32, 32))  # top classes
+    assert caught[0].filename == __file__  # points at the user's call
     assert result.raw.shape == (3, 1, 1) and (result.raw > 0).any()
     assert result.degenerate.all()
     assert torch.equal(result.maps, torch.zeros_like(result.maps))

@@ -445,6 +445,15 @@ def test_unknown_name_suggests_closest() -> None:
     assert "camkit.list_layers(model)" in message
 
 
+@pytest.mark.parametrize("method", [camkit.GradCAM, camkit.GradCAMPlusPlus])
+def test_unknown_name_fails_at_construction(method) -> None:
+    # Not at the first call, which may be far from the line that made the mistake.
+    model = meta_torchvision("resnet18")
+    with pytest.raises(CamkitError, match="no layer named 'layer5'"):
+        method(model, target_layer="layer5")
+    assert method(model, target_layer="layer4").layers == ["layer4"]
+
+
 def test_python_spelling_gets_dotted_name() -> None:
     model = meta_torchvision("mobilenet_v2")
     for spelled in ("features[-1]", "model.features[18]"):

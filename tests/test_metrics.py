@@ -218,7 +218,7 @@ def test_curve_input_errors(images) -> None:
         M.deletion(model, images, maps, steps=0)
     with pytest.raises(CamkitError, match="'sepia'"):
         M.insertion(model, images, maps, baseline="sepia")
-    with pytest.raises(CamkitError, match="2 entries but the batch has 3"):
+    with pytest.raises(CamkitError, match="length 2 but the batch has length 3"):
         M.deletion(model, images, maps, [0, 1])
     with pytest.raises(CamkitError, match=r"range over \[5, 5\] but the model has 2 outputs"):
         M.deletion(model, images, maps, 5)
@@ -333,7 +333,7 @@ def test_region_energy_boxes_and_masks() -> None:
         M.region_energy(maps)
     with pytest.raises(CamkitError, match=r"\(2, 3\)"):
         M.region_energy(maps, boxes=torch.zeros(2, 3))
-    with pytest.raises(CamkitError, match="3 entries for 2 maps"):
+    with pytest.raises(CamkitError, match="length 3 but the maps have length 2"):
         M.region_energy(maps, boxes=torch.zeros(3, 4))
     with pytest.raises(CamkitError, match=r"\(5, 8\)"):
         M.region_energy(maps, mask=torch.ones(5, 8, dtype=torch.bool))

@@ -97,7 +97,8 @@ def render(m: dict[str, Any], figure_dir: str = "") -> str:
     add(f"![Learning curves]({fig['learning_curves']})\n")
 
     add("## Grad-CAM of each model\n")
-    add(f"Rows: one validation image per class; columns: the models of seed {seeds[0]}. Each "
+    add(f"Rows: the first validation image of each of the first {cfg['grid_images']} classes; "
+        f"columns: the models of seed {seeds[0]}. Each "
         "title gives the true label, the prediction and its softmax probability (red: wrong).\n")
     add(f"![Grad-CAM grid]({fig['gradcam_grid']})\n")
 

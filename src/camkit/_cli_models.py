@@ -238,7 +238,7 @@ def _from_torchvision(name: str, kwargs: dict[str, Any]) -> nn.Module:
         raise CamkitError(
             f"model {name!r} is read as a torchvision model name, but torchvision cannot be "
             f"imported ({err}). Install it (pip install torchvision) or name the model as "
-            "module:callable, e.g. mypackage.models:build_net."
+            "module:callable, e.g. mypackage.models:build_net or path/to/file.py:build_net."
         ) from err
     names = tv_models.list_models()
     if name not in names:
@@ -247,7 +247,7 @@ def _from_torchvision(name: str, kwargs: dict[str, Any]) -> nn.Module:
         raise CamkitError(
             f"unknown model {name!r}: not one of torchvision's {len(names)} models.{hint} "
             "torchvision.models.list_models() lists them; other models can be named as "
-            "module:callable."
+            "module:callable or path/to/file.py:callable."
         )
     try:
         return tv_models.get_model(name, weights=None, **kwargs)

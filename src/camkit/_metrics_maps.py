@@ -152,8 +152,8 @@ def _box_mask(boxes: object, maps: torch.Tensor) -> torch.Tensor:
         b = b[:, None]
     if b.shape[0] not in (1, n):
         raise CamkitError(
-            f"boxes has {b.shape[0]} entries for {n} maps; give one box (or one row of boxes) "
-            "per image, or a single (4,) box for all of them."
+            f"boxes has length {b.shape[0]} but the maps have length {n}; give one box (or one "
+            "row of boxes) per image, or a single (4,) box for all of them."
         )
     if not bool(torch.isfinite(b).all()) or bool((b[..., 2] < b[..., 0]).any()) or bool(
         (b[..., 3] < b[..., 1]).any()

@@ -7,8 +7,10 @@ weigh, combine, upsample and scale the maps, all on the model's device.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -17,7 +19,7 @@ from torch import nn
 
 from camkit._hooks import LayerCapture, ModelState
 from camkit.errors import CamkitError
-from camkit.layers import enclosing_block_name, resolve_target_layers
+from camkit.layers import INTEGER_IMAGES_FIX, enclosing_block_name, resolve_target_layers
 from camkit.targets import OutputSelector, Targets, select_output, target_scores
 
 __all__ = [
@@ -184,6 +186,8 @@ class CAM:
         original = getattr(model, "_orig_mod", None)
         if isinstance(original, nn.Module):  # torch.compile's OptimizedModule
             model = original
+        if target_layer is not None:  # a wrong name fails here, not at the first call
+            resolve_target_layers(model, target_layer)
         self.model = model
         self._target_spec = target_layer
         self._layers: list[tuple[str, nn.Module]] | None = None
@@ -232,14 +236,15 @@ class CAM:
         CAMResult
         """
         x = self._prepare(images)
-        layers = self._resolve(x[:1])
+        with _integer_input_hint(x):
+            layers = self._resolve(x[:1])
         state = ModelState(self.model)
         try:
             self.model.eval()
             with torch.inference_mode(False):
                 # The hooks live for the model's forward only: whatever runs afterwards (the
                 # output selector, a targets callable, even another CAM) does not reach them.
-                with torch.no_grad(), LayerCapture(layers) as capture:
+                with torch.no_grad(), LayerCapture(layers) as capture, _integer_input_hint(x):
                     output = self.model(x)
                 self._check_capture(capture, layers, x)
                 with torch.enable_grad():
@@ -353,6 +358,14 @@ class CAM:
                 "(N, C, h, w). Choose a convolutional layer (camkit.list_layers(model)) or pass "
                 "reshape=fn turning them into (N, C, h, w)."
             )
+        if a.shape[-2:] == (1, 1):
+            warnings.warn(
+                f"target layer {name!r} gives a 1 x 1 map at this input size, so every map is "
+                "constant (result.degenerate is True) and shows no location. Choose a layer "
+                "with a larger map (camkit.list_layers(model, input_size=...) lists them), or "
+                "pass larger images.",
+                stacklevel=3,
+            )
         if score_dims == 2:  # g: (N, K, C, h, w)
             weights = type(self).weights(a[:, None], g)
             signed = torch.einsum("nkc,nchw->nkhw", weights, a)
@@ -428,6 +441,19 @@ def _require_used(gradients: list[torch.Tensor | None], names: list[str]) -> Non
             f"{', '.join(map(repr, unused))}; check that each layer lies on the path to the "
             "selected output (output=...)."
         )
+
+
+@contextlib.contextmanager
+def _integer_input_hint(images: torch.Tensor) -> Iterator[None]:
+    """Turn a model's error on integer images into one that says how to convert them."""
+    try:
+        yield
+    except RuntimeError as err:
+        if images.is_floating_point() or images.is_complex():
+            raise
+        raise CamkitError(
+            f"the model failed on images of dtype {images.dtype}: {err}. {INTEGER_IMAGES_FIX}"
+        ) from err
 
 
 def _scale(

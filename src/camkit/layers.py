@@ -152,6 +152,13 @@ def _as_size(model: nn.Module, input_size: Any) -> tuple[int, int, int]:
     )
 
 
+INTEGER_IMAGES_FIX = (
+    "camkit passes integer images through unchanged (a model may convert them itself); "
+    "convert them as the model expects, e.g. images.float() / 255 followed by the training "
+    "normalisation."
+)
+
+
 def _input_from_example(model: nn.Module, example_input: Any) -> _DryInput:
     """The first image of the user's batch, on the model's device and dtype."""
     if not isinstance(example_input, torch.Tensor) or example_input.ndim == 0:
@@ -186,7 +193,9 @@ def _run(model: nn.Module, dry: _DryInput) -> Trace:
     try:
         return trace_forward(model, dry.tensor)
     except Exception as exc:
-        if dry.from_user:
+        if dry.from_user and not dry.tensor.is_floating_point():
+            fix = INTEGER_IMAGES_FIX
+        elif dry.from_user:
             fix = (
                 "Check that the input is what the model expects, or pass "
                 "target_layer=... to skip the dry run."

@@ -172,7 +172,7 @@ def _as_index_tensor(targets: Any, n: int, device: torch.device) -> torch.Tensor
         )
     if indices.shape[0] != n:
         raise CamkitError(
-            f"targets has {indices.shape[0]} entries but the batch has {n} images; give one "
+            f"targets has length {indices.shape[0]} but the batch has length {n}; give one "
             "class per image (or an int for all of them)."
         )
     return indices.to(device=device, dtype=torch.long)
