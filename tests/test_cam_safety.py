@@ -11,6 +11,7 @@ import torch
 import torchvision
 from torch import nn
 
+import camkit
 from camkit import CamkitError, GradCAM, GradCAMPlusPlus
 
 
@@ -339,6 +340,27 @@ def test_scriptmodule_rejected_and_compiled_model_unwrapped(resnet) -> None:
     x = torch.randn(1, 3, 32, 48)
     torch.testing.assert_close(cam(x, 2).maps, GradCAM(resnet, "layer4")(x, 2).maps)
     assert _hook_count(resnet) == 0
+
+
+def test_data_parallel_is_explained_through_the_model_it_holds() -> None:
+    # The wrapper only forwards to .module; camkit's names, hooks and forward are that
+    # module's, and names copied from the wrapper ("module.layer4") are understood.
+    torch.manual_seed(3)
+    inner = torchvision.models.resnet18(weights=None, num_classes=4).eval()
+    wrapped = nn.DataParallel(inner)  # on a CUDA machine this moves inner to cuda:0
+    x = torch.randn(2, 3, 64, 64)
+    reference = GradCAM(inner, "layer4")(x, [0, 3])
+    for layer in (None, "layer4", "module.layer4", wrapped.module.layer4):
+        cam = GradCAM(wrapped, layer)
+        assert cam.model is inner
+        result = cam(x, [0, 3])
+        assert result.layer == "layer4"
+        torch.testing.assert_close(result.maps, reference.maps)
+    assert _hook_count(inner) == 0 and _hook_count(wrapped) == 0
+    field = camkit.receptive_field(wrapped, input_size=(3, 64, 64))
+    assert field.method == "analytic" and field["layer4"].size == (435, 435)
+    erf = camkit.effective_receptive_field(wrapped, "module.layer4", input_size=(3, 64, 64))
+    assert erf.layer == "layer4"
 
 
 def test_reduced_precision_models_give_float32_maps(images) -> None:

@@ -270,12 +270,13 @@ def test_interrupted_run_resumes_to_the_same_bytes(tmp_path) -> None:
 
     broken.fail_at, broken.calls = None, []
     explain_dataset(cam, broken, tmp_path / "resumed", **args)
-    assert sorted(broken.calls) == list(range(24, N_IMAGES))  # finished shards not recomputed
+    # The first image is read once to check it is the same; finished shards are not redone.
+    assert broken.calls[0] == 0 and sorted(broken.calls[1:]) == list(range(24, N_IMAGES))
     assert_same_folder(tmp_path / "whole", tmp_path / "resumed")
 
     broken.calls = []  # a finished folder: nothing to compute, the same files again
     explain_dataset(cam, broken, tmp_path / "resumed", **args)
-    assert broken.calls == []
+    assert broken.calls == [0]
     assert_same_folder(tmp_path / "whole", tmp_path / "resumed")
 
 
@@ -296,6 +297,35 @@ def test_out_with_other_results_is_refused(tmp_path, data) -> None:
     with pytest.raises(CamkitError, match="not empty"):
         explain_dataset(cam, data, tmp_path / "other", **args)
     assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+
+
+def test_other_images_under_the_same_dataset_class_are_refused(tmp_path, data) -> None:
+    # The same class and length, so only the first-image probe can tell: another transform
+    # (a normalisation) is refused, the last-bit noise of the same one on another CPU is not.
+    cam = GradCAM(make_model(), target_layer=LAYER)
+    args = dict(batch_size=8, shard_size=16, report=False, progress=False)
+    explain_dataset(cam, data, tmp_path / "out", **args)
+    normalised, jittered = Images(), Images()
+    normalised.images = (normalised.images - 0.5) / 0.25
+    jittered.images = jittered.images * (1 + 1e-6)
+    with pytest.raises(CamkitError, match="holds results for other images"):
+        explain_dataset(cam, normalised, tmp_path / "out", **args)
+    explain_dataset(cam, jittered, tmp_path / "out", **args)
+    assert jittered.calls == [0]  # the probe only: every shard was reused
+
+
+def _pick(index: int):
+    return lambda logits: logits[:, index]
+
+
+def test_two_lambdas_are_two_runs(tmp_path, data) -> None:
+    # Both are "test_dataset._pick.<locals>.<lambda>"; what they close over differs.
+    model = make_model()
+    args = dict(batch_size=8, shard_size=16, report=False, progress=False)
+    explain_dataset(GradCAM(model, LAYER), data, tmp_path / "out", targets=_pick(0), **args)
+    explain_dataset(GradCAM(model, LAYER), data, tmp_path / "out", targets=_pick(0), **args)
+    with pytest.raises(CamkitError, match=r"targets: .*<lambda> \(code \w+\)' there"):
+        explain_dataset(GradCAM(model, LAYER), data, tmp_path / "out", targets=_pick(1), **args)
 
 
 def test_leftovers_of_a_killed_index_writer_are_removed(tmp_path, data) -> None:

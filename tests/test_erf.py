@@ -231,7 +231,7 @@ def test_errors_are_explained():
     model = _Small(positive=False)
     with pytest.raises(CamkitError, match=r"no layer named 'conv4'.*Closest names: 'conv"):
         effective_receptive_field(model, "conv4", input_size=(2, 16, 16))
-    with pytest.raises(CamkitError, match="not part of the model"):
+    with pytest.raises(CamkitError, match="not a submodule of this _Small"):
         effective_receptive_field(model, nn.Conv2d(1, 1, 1), input_size=(2, 16, 16))
     with pytest.raises(CamkitError, match="or input_size"):
         effective_receptive_field(model, "conv1")

@@ -31,6 +31,7 @@ from torch import nn
 
 from camkit.cam import GradCAM, GradCAMPlusPlus
 from camkit.errors import CamkitError
+from camkit.layers import WRAPPER_PREFIXES
 
 __all__ = [
     "METHODS",
@@ -60,9 +61,6 @@ MODEL_HELP = (
 
 # Keys under which training scripts commonly nest the weights in a checkpoint dictionary.
 _STATE_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
-# Prefixes that wrappers add to every parameter name (DataParallel, torch.compile).
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-
 
 # --------------------------------------------------------------------------- options
 def positive_int(text: str) -> int:
@@ -440,7 +438,7 @@ def _strip_wrapper_prefix(
     state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
     state = dict(state)
-    for prefix in _WRAPPER_PREFIXES:
+    for prefix in WRAPPER_PREFIXES:  # added to every parameter name
         if all(k.startswith(prefix) for k in state) and not any(
             k.startswith(prefix) for k in expected
         ):

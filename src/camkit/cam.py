@@ -19,7 +19,12 @@ from torch import nn
 
 from camkit._hooks import LayerCapture, ModelState
 from camkit.errors import CamkitError
-from camkit.layers import INTEGER_IMAGES_FIX, enclosing_block_name, resolve_target_layers
+from camkit.layers import (
+    INTEGER_IMAGES_FIX,
+    enclosing_block_name,
+    resolve_target_layers,
+    unwrap_model,
+)
 from camkit.targets import OutputSelector, Targets, select_output, target_scores
 
 __all__ = [
@@ -147,8 +152,8 @@ class CAM:
     ----------
     model
         Any :class:`torch.nn.Module` computing scores from ``(N, C, H, W)`` images. It is not
-        moved or modified; a ``torch.compile``'d model is explained through its original
-        module.
+        moved or modified; a ``torch.compile``'d, ``DataParallel`` or DDP model is explained
+        through the module it wraps, on that module's device.
     target_layer
         ``None`` (an adapter's choice for known families, else the last module whose output
         is a spatial map; see ``camkit.list_layers``), a dotted module name, a module, or a
@@ -174,18 +179,7 @@ class CAM:
         output: OutputSelector = None,
         reshape: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise CamkitError(
-                f"model must be a torch.nn.Module, got {type(model).__name__}."
-            )
-        if isinstance(model, torch.jit.ScriptModule):
-            raise CamkitError(
-                "model is a TorchScript module: forward hooks cannot run inside it. Pass the "
-                "eager nn.Module it was scripted from."
-            )
-        original = getattr(model, "_orig_mod", None)
-        if isinstance(original, nn.Module):  # torch.compile's OptimizedModule
-            model = original
+        model = unwrap_model(model)  # refuses TorchScript; through compile / DataParallel
         if target_layer is not None:  # a wrong name fails here, not at the first call
             resolve_target_layers(model, target_layer)
         self.model = model

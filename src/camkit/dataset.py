@@ -40,6 +40,7 @@ from camkit._dataset_manifest import (
     FORMAT,
     check_or_create,
     fingerprint,
+    image_probe,
     library_version,
     model_digest,
 )
@@ -286,7 +287,8 @@ def explain_dataset(
     device = _model_device(cam)
 
     with join_group(device) as group:
-        _resolve_layer(cam, source)
+        first_image = _first_image(source)
+        _resolve_layer(cam, first_image)
         description = {
             "camkit": library_version(),
             "method": f"{type(cam).__module__}.{type(cam).__qualname__}",
@@ -315,7 +317,7 @@ def explain_dataset(
         failure: BaseException | None = None
         if group.rank == 0:
             try:
-                check_or_create(out, description)
+                check_or_create(out, description, image_probe(first_image))
             except Exception as err:  # every rank must hear of it, or the others wait
                 failure = err
         error = group.broadcast(None if failure is None else str(failure))
@@ -560,14 +562,18 @@ def _model_device(cam: CAM) -> torch.device:
     return torch.device("cpu")
 
 
-def _resolve_layer(cam: CAM, source: Source) -> None:
-    """Make ``cam.layer`` known (it is resolved on the first call) with one image."""
-    if getattr(cam, "_layers", None) is not None:
-        return
+def _first_image(source: Source) -> torch.Tensor:
+    """The first image to be explained, as the dataset and its collate function give it."""
     first = int(source.positions[0])
     collate = source.loader_kwargs.get("collate_fn") or default_collate
     images, _ = _split_batch(collate([source.dataset[first]]), 1)
-    cam(images)
+    return images
+
+
+def _resolve_layer(cam: CAM, first_image: torch.Tensor) -> None:
+    """Make ``cam.layer`` known (it is resolved on the first call) with one image."""
+    if getattr(cam, "_layers", None) is None:
+        cam(first_image)
 
 
 def _agree(group: Group, key: str) -> None:

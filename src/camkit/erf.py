@@ -16,7 +16,6 @@ nonlinearity the map is the ``n``-fold convolution of a 3 x 3 box: support
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +23,7 @@ from torch import nn
 
 from camkit._rf_trace import eval_mode, model_device
 from camkit.errors import CamkitError
+from camkit.layers import resolve_target_layers, unwrap_model
 from camkit.receptive_field import Box, _check_input_size
 
 __all__ = ["EffectiveReceptiveField", "effective_receptive_field"]
@@ -90,30 +90,6 @@ def _radius(p: torch.Tensor, center: tuple[float, float], mass: float) -> float:
     cumulative = torch.cumsum(p.flatten()[order], 0)
     k = int(torch.searchsorted(cumulative, torch.tensor(mass - 1e-12, dtype=torch.float64)))
     return float(dist[order[min(k, dist.numel() - 1)]])
-
-
-def _resolve(model: nn.Module, layer: object) -> tuple[str, nn.Module]:
-    modules = dict(model.named_modules())
-    if isinstance(layer, nn.Module):
-        for name, m in modules.items():
-            if m is layer:
-                return name, m
-        raise CamkitError(
-            f"the module {type(layer).__name__} given as layer is not part of the model; pass "
-            "one of its submodules or its dotted name"
-        )
-    if isinstance(layer, str):
-        if layer in modules and layer:
-            return layer, modules[layer]
-        close = difflib.get_close_matches(layer, [n for n in modules if n], n=3)
-        hint = f" Closest names: {', '.join(map(repr, close))}." if close else ""
-        raise CamkitError(
-            f"no layer named {layer!r} in {type(model).__name__}.{hint} Valid names are those "
-            "of model.named_modules()."
-        )
-    raise CamkitError(
-        f"layer must be a dotted module name or an nn.Module, got {type(layer).__name__}"
-    )
 
 
 def _inputs(model: nn.Module, inputs: object, input_size: object, n_inputs: int,
@@ -189,9 +165,12 @@ def effective_receptive_field(
     -------
     EffectiveReceptiveField
     """
-    if not isinstance(model, nn.Module):
-        raise CamkitError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    name, module = _resolve(model, layer)
+    model = unwrap_model(model)
+    if not isinstance(layer, (str, nn.Module)):
+        raise CamkitError(
+            f"layer must be a dotted module name or an nn.Module, got {type(layer).__name__}"
+        )
+    ((name, module),) = resolve_target_layers(model, layer)
     if model_device(model).type == "meta":
         raise CamkitError(
             f"{type(model).__name__} is on the meta device, which holds no values to take "

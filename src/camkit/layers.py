@@ -38,6 +38,7 @@ __all__ = [
     "enclosing_block_name",
     "list_layers",
     "resolve_target_layers",
+    "unwrap_model",
 ]
 
 _log = logging.getLogger(__name__)
@@ -48,8 +49,16 @@ LayerSpec = str | nn.Module
 # --------------------------------------------------------------------------- the model itself
 
 
-def _unwrap(model: Any) -> nn.Module:
-    """The eager module to search: refuse TorchScript, look through ``torch.compile``."""
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel and DDP; torch.compile
+
+
+def unwrap_model(model: Any) -> nn.Module:
+    """The eager module camkit works on: refuse TorchScript, look through wrappers.
+
+    ``torch.compile``'s ``OptimizedModule``, ``nn.DataParallel`` and
+    ``DistributedDataParallel`` only forward to the model they hold; hooks, names and the
+    single-device forward that explaining needs all live on that model.
+    """
     if isinstance(model, torch.jit.ScriptModule):
         raise CamkitError(
             f"model is a TorchScript module ({type(model).__name__}); camkit needs forward "
@@ -61,11 +70,26 @@ def _unwrap(model: Any) -> nn.Module:
             f"model must be a torch.nn.Module, got {type(model).__name__}. If you have a class, "
             "pass an instance (MyNet(), not MyNet)."
         )
-    while type(model).__name__ == "OptimizedModule" and isinstance(
-        getattr(model, "_orig_mod", None), nn.Module
-    ):
-        model = model._orig_mod  # torch.compile: names and hooks live on the original
-    return model
+    while True:
+        if type(model).__name__ == "OptimizedModule" and isinstance(
+            getattr(model, "_orig_mod", None), nn.Module
+        ):
+            model = model._orig_mod
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        else:
+            return model
+
+
+def _without_wrapper_prefixes(model: nn.Module, name: str) -> str:
+    """``name`` with the prefixes wrappers add removed, while it names no submodule as is."""
+    while name.startswith(WRAPPER_PREFIXES):
+        try:
+            model.get_submodule(name)
+            return name
+        except AttributeError:
+            name = name.split(".", 1)[1]
+    return name
 
 
 def _require_parameters(model: nn.Module) -> None:
@@ -267,7 +291,7 @@ def _unknown_name(model: nn.Module, name: str) -> CamkitError:
 
 def _explicit(model: nn.Module, item: Any, names: dict[int, str]) -> tuple[str, nn.Module]:
     if isinstance(item, str):
-        name = item[len("_orig_mod.") :] if item.startswith("_orig_mod.") else item
+        name = _without_wrapper_prefixes(model, item)
         if not name:
             raise CamkitError(
                 "target_layer '' names the whole model; pick a layer inside it "
@@ -354,8 +378,9 @@ def resolve_target_layers(
     Parameters
     ----------
     model
-        The network (eager; a ``torch.compile``'d model is searched through ``_orig_mod``,
-        and names are relative to the original model).
+        The network (eager; a ``torch.compile``'d, ``DataParallel`` or DDP model is searched
+        through the model it wraps, and names are relative to that model; names copied
+        from the wrapper, with ``_orig_mod.`` or ``module.`` in front, are accepted too).
     target_layer
         ``None`` (automatic: adapter, else heuristic), a dotted name from
         ``model.named_modules()``, a module inside ``model``, or a sequence of those.
@@ -377,7 +402,7 @@ def resolve_target_layers(
         without any 4-D feature map, a model without parameters, a TorchScript model, a
         dry forward that fails, or uninitialised lazy modules without ``example_input``.
     """
-    root = _unwrap(model)
+    root = unwrap_model(model)
     if target_layer is None:
         return [_auto(root, example_input)]
     if isinstance(target_layer, (str, nn.Module)):
@@ -462,7 +487,7 @@ def enclosing_block_name(
         The ancestor's dotted name, or ``None`` when no proper ancestor (the model itself
         excluded) runs once.
     """
-    root = _unwrap(model)
+    root = unwrap_model(model)
     trace = _run(root, _dry_input(root, example_input, find_adapter(root)))
     parts = name.split(".")
     for depth in range(len(parts) - 1, 0, -1):
@@ -495,7 +520,7 @@ def list_layers(model: nn.Module, input_size: Any = None) -> LayerTable:
         Rows in execution order (order of first call) with dotted name, class, output
         shape, number of calls, and which layer camkit picks; ``print()`` it for a table.
     """
-    root = _unwrap(model)
+    root = unwrap_model(model)
     adapter, adapter_name = _adapter_pick(root)
     if input_size is None:
         _refuse_lazy_guess(root)

@@ -33,6 +33,7 @@ from camkit._rf_measure import measure
 from camkit._rf_trace import TracedModel, eval_mode, model_device, propagate_shapes, trace
 from camkit._rf_walk import AXES, Unsupported, Val, walk
 from camkit.errors import CamkitError
+from camkit.layers import unwrap_model
 
 __all__ = ["Box", "LayerField", "ReceptiveField", "receptive_field"]
 
@@ -434,10 +435,7 @@ def receptive_field(
         For bad arguments, a model that does not run on ``input_size``, or
         (with ``method="analytic"``) a graph that cannot be followed.
     """
-    if not isinstance(model, nn.Module):
-        raise CamkitError(
-            f"model must be a torch.nn.Module, got {type(model).__name__}"
-        )
+    model = unwrap_model(model)  # names are those of the model a wrapper holds
     size = _check_input_size(model, input_size)
     if method not in ("auto", "analytic", "measured"):
         raise CamkitError(
