@@ -82,14 +82,15 @@ def test_metrics_schema_and_ranges(quick):
         info = m["models"][name]
         assert isinstance(info["params"], int)
         assert isinstance(info["target_layer"], str) and info["target_layer"]
-        assert set(info["history"]) == {"train_loss", "val_loss", "train_acc", "val_acc"}
+        assert set(info["history"]) == {"train_loss", "val_loss", "train_acc", "val_acc",
+                                        "val_acc_bn_recomputed"}
         assert len(info["runs"]) == QUICK_SEEDS
         for run in info["runs"]:
             hist = run["history"]
             for key, values in hist.items():
                 assert len(values) == QUICK_EPOCHS, key
                 assert all(math.isfinite(v) for v in values)
-            for key in ("train_acc", "val_acc"):
+            for key in ("train_acc", "val_acc", "val_acc_bn_recomputed"):
                 assert all(0.0 <= v <= 1.0 for v in hist[key])
             assert all(v > 0 for v in hist["train_loss"] + hist["val_loss"])
             # accuracies are counts over 80 and 60 images
@@ -360,3 +361,34 @@ def test_least_coverage_by_hand():
     # A 3x3 stride-2 conv with padding 1: the corner cell sees rows 0..1 and cols 0..1.
     assert least_coverage(rf(3, 2, 1), [14, 14], [28, 28]) == pytest.approx((2 / 28) ** 2)
     assert least_coverage({"size": None}, [4, 4], [28, 28]) is None
+
+
+def test_recomputed_batchnorm_statistics_by_hand():
+    import torch
+    from study.train import accuracy_with_recomputed_bn, evaluate
+    from torch import nn
+
+    # BN(1 channel) -> flatten -> linear. The recomputed statistics are the mean over the
+    # training batches (256 images each) of each batch's mean and unbiased variance.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.BatchNorm2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
+    model[0].running_mean.fill_(50.0)  # statistics that lag the data badly
+    model[0].running_var.fill_(0.01)
+    x_train = torch.randn(512, 1, 2, 2) * 3 + 1
+    x_val = torch.randn(90, 1, 2, 2) * 3 + 1
+    y_val = model[2](((x_val - 1) / 3).flatten(1)).argmax(1)  # labels the right stats give
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    batches = x_train.split(256)
+    mean = torch.stack([b.mean() for b in batches]).mean()
+    var = torch.stack([b.var() for b in batches]).mean()
+    reference = nn.Sequential(nn.BatchNorm2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
+    reference.load_state_dict(model.state_dict())
+    reference[0].running_mean.fill_(mean.item())
+    reference[0].running_var.fill_(var.item())
+
+    recomputed = accuracy_with_recomputed_bn(model, x_train, (x_val, y_val))
+    assert recomputed == evaluate(reference, x_val, y_val)[1]
+    assert recomputed > 0.9 > evaluate(model, x_val, y_val)[1]
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not model.training

@@ -56,6 +56,10 @@ def learning_curves(path: Path, models: Mapping[str, Mapping[str, Any]]) -> None
                 runs = np.array([h[f"{split}_{kind}"] for h in hist])
                 _band(ax, epochs, runs, COLOURS[split], "training" if split == "train"
                       else "validation")
+            if kind == "acc" and all("val_acc_bn_recomputed" in h for h in hist):
+                recomputed = np.mean([h["val_acc_bn_recomputed"] for h in hist], axis=0)
+                ax.plot(epochs, recomputed, color=COLOURS["val"], linestyle="--",
+                        linewidth=1, label="validation, BatchNorm\nstatistics recomputed")
             ax.grid(alpha=0.3)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             if kind == "loss":
@@ -69,6 +73,7 @@ def learning_curves(path: Path, models: Mapping[str, Mapping[str, Any]]) -> None
                 if col == 0:
                     ax.set_ylabel("accuracy")
     axes[0, 0].legend(loc="upper right", fontsize=8)
+    axes[1, 0].legend(loc="lower right", fontsize=8)
     spread = f"mean of {n_seeds} seeds, band: min-max" if n_seeds > 1 else "one seed"
     fig.suptitle(f"Learning curves ({spread})", fontsize=12)
     fig.tight_layout()

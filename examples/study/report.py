@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
+
 from study import verdict
 
 FIGURES = {
@@ -95,6 +97,9 @@ def render(m: dict[str, Any], figure_dir: str = "") -> str:
             f"**{info['verdict']}** | {', '.join(info['verdict_per_seed'])} |")
     add("")
     add(f"![Learning curves]({fig['learning_curves']})\n")
+    bn_note = _batchnorm_note(models)
+    if bn_note:
+        add(bn_note + "\n")
 
     add("## Grad-CAM of each model\n")
     add(f"Rows: the first validation image of each of the first {cfg['grid_images']} classes; "
@@ -191,6 +196,38 @@ def render(m: dict[str, Any], figure_dir: str = "") -> str:
         "are coarse; the upsampled maps interpolate between cells.")
     add("")
     return "\n".join(out) + "\n"
+
+
+BN_GAP = 0.1  # accuracy points between eval mode and recomputed statistics worth a remark
+
+
+def _batchnorm_note(models: dict[str, Any]) -> str:
+    """What the recomputed-BatchNorm diagnostic says about the eval-mode validation curves."""
+    histories = {i["label"]: i["history"] for i in models.values()}
+    if not all("val_acc_bn_recomputed" in h for h in histories.values()):
+        return ""  # a run from before the diagnostic
+    lines = []
+    for label, h in histories.items():
+        evald, recomputed = np.array(h["val_acc"]), np.array(h["val_acc_bn_recomputed"])
+        low = np.flatnonzero(recomputed - evald >= BN_GAP) + 1
+        if len(low) == 0:
+            continue
+        worst = int(np.argmax(recomputed - evald))
+        span = f"epoch {low[0]}" if len(low) == 1 else f"epochs {low[0]}-{low[-1]}"
+        lines.append(
+            f"{label}: in {span} its eval-mode validation accuracy is at least {BN_GAP:.2f} "
+            "below that of the same weights with BatchNorm statistics recomputed on the "
+            f"training images (epoch {worst + 1}: {evald[worst]:.2f} against "
+            f"{recomputed[worst]:.2f}); at the last epoch the two are {evald[-1]:.2f} and "
+            f"{recomputed[-1]:.2f}.")
+    head = ("Dashed: validation accuracy with each BatchNorm layer's running statistics "
+            "recomputed over the training images (mean over seeds), a check of whether the "
+            "eval-mode curve measures the weights or statistics that lag them. ")
+    if not lines:
+        return head + (f"It stays within {BN_GAP:.2f} of the eval-mode curve for every model "
+                       "and epoch, so the curves above measure the weights.")
+    return head + " ".join(lines) + (" Those epochs understate what the weights can do; the "
+                                     "verdicts use the last epoch.")
 
 
 def _erf_range(models: dict[str, Any]) -> str:

@@ -7,11 +7,15 @@ run's seed, so the three models of one seed see the same batches in the same ord
 
 Training loss and accuracy per epoch are the means over that epoch's batches in training mode
 (what Keras' ``fit`` history reports); validation loss and accuracy are measured in eval mode
-after each epoch.
+after each epoch. As a diagnostic, each epoch also records the validation accuracy of the same
+weights with the BatchNorm running statistics recomputed over the training images
+(``val_acc_bn_recomputed``): where it is far above the eval-mode accuracy, the running
+statistics, not the weights, are what fails (they lag weights that change fast).
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 
@@ -32,6 +36,7 @@ class History:
     val_loss: list[float] = field(default_factory=list)
     train_acc: list[float] = field(default_factory=list)
     val_acc: list[float] = field(default_factory=list)
+    val_acc_bn_recomputed: list[float] = field(default_factory=list)
     seconds: float = 0.0
 
     def as_dict(self) -> dict[str, list[float]]:
@@ -40,6 +45,7 @@ class History:
             "val_loss": self.val_loss,
             "train_acc": self.train_acc,
             "val_acc": self.val_acc,
+            "val_acc_bn_recomputed": self.val_acc_bn_recomputed,
         }
 
 
@@ -58,6 +64,25 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float,
     finally:
         model.train(was_training)
     return total_loss / len(y), correct / len(y)
+
+
+@torch.no_grad()
+def accuracy_with_recomputed_bn(
+    model: nn.Module, x_train: torch.Tensor, val: tuple[torch.Tensor, torch.Tensor]
+) -> float:
+    """Validation accuracy of a copy of ``model`` whose BatchNorm running statistics are
+    recomputed as the plain average over the training images in batches (``model`` itself
+    is not changed). A model without BatchNorm gets its eval-mode accuracy."""
+    probe = copy.deepcopy(model).eval()
+    norms = [m for m in probe.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative average over the batches below
+        norm.train()
+    if norms:
+        for start in range(0, len(x_train), EVAL_BATCH_SIZE):
+            probe(x_train[start : start + EVAL_BATCH_SIZE])
+    return evaluate(probe, *val)[1]
 
 
 def train_model(
@@ -100,6 +125,7 @@ def train_model(
             val_loss, val_acc = evaluate(model, *val)
             history.val_loss.append(val_loss)
             history.val_acc.append(val_acc)
+            history.val_acc_bn_recomputed.append(accuracy_with_recomputed_bn(model, x, val))
             bar.set_postfix(train_acc=f"{history.train_acc[-1]:.2f}", val_acc=f"{val_acc:.2f}")
             if bar.disable:  # no progress bar (not a terminal): one line per epoch instead
                 print(f"  {desc} epoch {len(history.val_acc)}/{epochs}: train acc "
