@@ -194,6 +194,15 @@ def test_integer_images_a_model_cannot_take_say_how_to_convert(tiny, x, layer) -
     assert tiny.training  # the model's mode survives the failed forward
 
 
+def test_other_errors_on_integer_images_are_left_as_they_are(x) -> None:
+    # A model that converts the images itself and then fails on a shape: not a dtype problem.
+    broken = nn.Sequential(ToFloat(), nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(5, 2)).eval()
+    images = (x * 40 + 128).clamp(0, 255).to(torch.uint8)
+    with pytest.raises(RuntimeError, match="cannot be multiplied") as info:
+        GradCAM(broken, "1")(images)
+    assert not isinstance(info.value, CamkitError)
+
+
 @pytest.mark.parametrize(
     ("images", "message"),
     [

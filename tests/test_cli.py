@@ -167,12 +167,18 @@ def test_explain_without_checkpoint_uses_the_untrained_weights(files, capsys) ->
     assert "no --checkpoint" not in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("out", ["", "{dir}", "/proc/camkit-test.png", "/dev/full"])
+@pytest.mark.parametrize(
+    "out", ["", "{dir}", "{dir}/new/", "{dir}/cam.txt", "/proc/camkit-test.png", "/dev/full"]
+)
 def test_explain_out_that_cannot_be_written_is_one_line(files, capsys, out) -> None:
-    # An empty name, a folder, a place the kernel refuses, a device that is always full.
-    argv = _set(_explain(files), "--out", out.format(dir=files["dir"]))
+    # An empty name, a folder, a folder-like name, an extension OpenCV cannot encode, a
+    # place the kernel refuses, a device that is always full.
+    path = out.format(dir=files["dir"])
+    argv = _set(_explain(files), "--out", path)
     line = _run_error(argv, capsys)
     assert "--out" in line or "cannot write" in line
+    if path.startswith(str(files["dir"])) and path != str(files["dir"]):
+        assert not Path(path.rstrip("/")).exists()
 
 
 def test_checkpoint_wrappers_and_nesting_are_understood(files, capsys) -> None:

@@ -8,9 +8,11 @@ per-class statistics, and byte comparison of whole output folders.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import socket
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -314,6 +316,28 @@ def test_other_images_under_the_same_dataset_class_are_refused(tmp_path, data) -
     assert jittered.calls == [0]  # the probe only: every shard was reused
 
 
+def test_first_image_probe_with_nan_matches_itself() -> None:
+    from camkit._dataset_manifest import _probes_match, image_probe
+
+    images = torch.randn(2, 3, 9, 7)
+    images[0, 1, 2, 3] = float("nan")
+    probe = image_probe(images)
+    assert _probes_match(json.loads(json.dumps(probe)), image_probe(images.clone()))
+    assert not _probes_match(probe, image_probe(images * 2))
+
+
+def test_a_warning_of_the_per_batch_calls_is_shown_once_at_the_callers_line(tmp_path,
+                                                                           data) -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(4, N_CLASSES))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")  # Python's own: once per line of code
+        explain_dataset(GradCAM(model, "1"), data, tmp_path / "out", batch_size=8,
+                        report=False, progress=False)
+    flat = [w for w in caught if "1 x 1 map" in str(w.message)]
+    assert len(flat) == 1 and flat[0].filename == __file__
+
+
 def _pick(index: int):
     return lambda logits: logits[:, index]
 
@@ -324,8 +348,39 @@ def test_two_lambdas_are_two_runs(tmp_path, data) -> None:
     args = dict(batch_size=8, shard_size=16, report=False, progress=False)
     explain_dataset(GradCAM(model, LAYER), data, tmp_path / "out", targets=_pick(0), **args)
     explain_dataset(GradCAM(model, LAYER), data, tmp_path / "out", targets=_pick(0), **args)
-    with pytest.raises(CamkitError, match=r"targets: .*<lambda> \(code \w+\)' there"):
+    with pytest.raises(CamkitError, match=r"targets: .*<lambda> \(digest \w+\)' there"):
         explain_dataset(GradCAM(model, LAYER), data, tmp_path / "out", targets=_pick(1), **args)
+
+
+def _times(weights: torch.Tensor):
+    return lambda logits: logits[:, :3] @ weights
+
+
+class _Column:
+    def __init__(self, k: int) -> None:
+        self.k = k
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits[:, self.k]
+
+
+@pytest.mark.parametrize(
+    ("one", "other"),
+    [
+        (_pick(0), _pick(1)),  # closures
+        (_Column(0), _Column(1)),  # callable instances
+        (functools.partial(torch.select, dim=1, index=0),  # partials of a builtin
+         functools.partial(torch.select, dim=1, index=1)),
+        (_times(torch.ones(3)), _times(torch.full((3,), 2.0))),  # closures over tensors
+    ],
+)
+def test_callables_that_compute_differently_are_described_differently(one, other) -> None:
+    from camkit._dataset_callables import describe_callable
+
+    assert describe_callable(one) != describe_callable(other)
+    assert describe_callable(one) == describe_callable(copy.deepcopy(one))
+    text = describe_callable(one)
+    assert " at 0x" not in text and text.endswith(")")
 
 
 def test_leftovers_of_a_killed_index_writer_are_removed(tmp_path, data) -> None:
@@ -427,6 +482,18 @@ DIST_A = dict(batch_size=4, shard_size=8, targets="label", progress=False)
 DIST_B = dict(batch_size=8, shard_size=8, keep="stats", report=False, progress=False)
 
 
+def _top_logit(tag: str):
+    """The same score on every rank from a closure over a per-rank value (a device, say).
+
+    No ``assert`` inside: pytest rewrites asserts in this process, not in spawned ones.
+    """
+    def score(logits: torch.Tensor) -> torch.Tensor:
+        if not tag.startswith("rank"):
+            raise ValueError(tag)
+        return logits.amax(1)
+    return score
+
+
 def _rank_main(rank: int, world: int, ports: tuple[int, int], outs: tuple[str, str],
                log: str) -> None:
     torch.set_num_threads(1)
@@ -447,7 +514,8 @@ def _rank_main(rank: int, world: int, ports: tuple[int, int], outs: tuple[str, s
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{ports[1]}", rank=rank,
                             world_size=world)
     try:
-        explain_dataset(cam, Images(), outs[1], **DIST_B)
+        # Ranks agree on the function; what it closes over may differ (rank 0's is recorded).
+        explain_dataset(cam, Images(), outs[1], targets=_top_logit(f"rank{rank}"), **DIST_B)
     finally:
         dist.destroy_process_group()
 
@@ -456,7 +524,7 @@ def test_two_processes_write_what_one_process_writes(tmp_path) -> None:
     mp = pytest.importorskip("torch.multiprocessing")
     cam = GradCAM(make_model(), target_layer=LAYER)
     explain_dataset(cam, Images(), tmp_path / "one_a", **DIST_A)
-    explain_dataset(cam, Images(), tmp_path / "one_b", **DIST_B)
+    explain_dataset(cam, Images(), tmp_path / "one_b", targets=_top_logit("rank0"), **DIST_B)
     outs = (str(tmp_path / "two_a"), str(tmp_path / "two_b"))
     log = tmp_path / "log"
     log.mkdir()

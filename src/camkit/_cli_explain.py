@@ -7,6 +7,7 @@ characters work); the map is drawn with :func:`camkit.overlay` over the image at
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -93,10 +94,7 @@ def write_image(path: str, rgb: np.ndarray) -> None:
     except cv2.error:
         ok = False
     if not ok:
-        raise CamkitError(
-            f"cannot write {path!r}: OpenCV has no encoder for extension {file.suffix!r}; use "
-            ".png or .jpg."
-        )
+        raise _no_encoder(path, file.suffix)
     try:
         with open(file, "wb") as handle:  # unlike ndarray.tofile, reports a failed flush
             handle.write(encoded.tobytes())
@@ -114,14 +112,24 @@ def check_output_path(path: str) -> Path:
     missing parent folder); :func:`write_image` reports what the write itself runs into.
     """
     file = Path(path)
-    if not path or file.is_dir():
+    if not path or file.is_dir() or path.endswith(("/", os.sep)):
         raise CamkitError(
             f"--out {path!r} is {'empty' if not path else 'a folder'}; pass an image file "
             "path, e.g. --out ./cam.png"
         )
     if not file.parent.is_dir():
         raise CamkitError(f"cannot write {path!r}: directory {str(file.parent)!r} does not exist.")
+    have_writer = getattr(_cv2(), "haveImageWriter", None)
+    if file.suffix and have_writer is not None and not have_writer(str(file)):
+        raise _no_encoder(path, file.suffix)
     return file
+
+
+def _no_encoder(path: str, suffix: str) -> CamkitError:
+    return CamkitError(
+        f"cannot write {path!r}: OpenCV has no encoder for extension {suffix!r}; use .png or "
+        ".jpg."
+    )
 
 
 def explain(args: argparse.Namespace) -> int:

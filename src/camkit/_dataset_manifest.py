@@ -66,6 +66,7 @@ def image_probe(images: torch.Tensor) -> dict[str, Any]:
     another CPU moves it by far less than the tolerance.
     """
     x = images[:1].detach().to("cpu", torch.float64)
+    x = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)  # NaN != NaN would never match
     x = x.reshape(1, -1, *x.shape[-2:]) if x.ndim >= 3 else x.reshape(1, 1, 1, -1)
     thumbnail = F.adaptive_avg_pool2d(x, _THUMBNAIL).flatten()
     return {"shape": list(images.shape[1:]), "thumbnail": [round(v, 6) for v in thumbnail.tolist()]}

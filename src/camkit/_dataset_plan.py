@@ -7,8 +7,6 @@ any rank of any run has the same content.
 
 from __future__ import annotations
 
-import hashlib
-import types
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -215,52 +213,3 @@ class Plan:
 def default_shard_size(batch_size: int) -> int:
     """About :data:`DEFAULT_SHARD_IMAGES` images, a whole number of batches."""
     return batch_size * max(1, DEFAULT_SHARD_IMAGES // batch_size)
-
-
-def describe_callable(fn: Callable[..., Any] | None) -> str | None:
-    """A stable name for a callable argument: module and qualified name, and for a function
-    a digest of its code and of the plain values it closes over, defaults to and (as a
-    ``functools.partial``) is bound to, so that two lambdas, or a function edited between
-    two runs, are told apart."""
-    if fn is None:
-        return None
-    target = getattr(fn, "func", fn)  # functools.partial
-    module = getattr(target, "__module__", None) or type(target).__module__
-    name = getattr(target, "__qualname__", None) or type(target).__qualname__
-    code = getattr(target, "__code__", None)
-    if not isinstance(code, types.CodeType):
-        return f"{module}.{name}"
-    bound = (getattr(fn, "args", ()), getattr(fn, "keywords", {})) if fn is not target else ()
-    cells = [_cell_value(c) for c in getattr(target, "__closure__", None) or ()]
-    defaults = (getattr(target, "__defaults__", None), getattr(target, "__kwdefaults__", None))
-    text = _code_text(code) + _plain_text((bound, cells, defaults))
-    return f"{module}.{name} (code {hashlib.sha256(text.encode()).hexdigest()[:12]})"
-
-
-def _cell_value(cell: types.CellType) -> Any:
-    try:
-        return cell.cell_contents
-    except ValueError:  # a cell not yet filled
-        return None
-
-
-def _code_text(code: types.CodeType) -> str:
-    """What a code object computes, without the addresses or line numbers in its repr."""
-    consts = [_code_text(c) if isinstance(c, types.CodeType) else _plain_text(c)
-              for c in code.co_consts]
-    return f"{code.co_code.hex()}|{consts}|{code.co_names}"
-
-
-def _plain_text(value: Any) -> str:
-    """``repr`` of numbers, strings and containers of them; only the type name otherwise
-    (the default ``repr`` of other objects holds an address that changes between runs)."""
-    if value is None or isinstance(value, (bool, int, float, complex, str, bytes)):
-        return repr(value)
-    if isinstance(value, (tuple, list, frozenset, set)):
-        items = sorted(map(_plain_text, value)) if isinstance(value, (set, frozenset)) \
-            else [_plain_text(v) for v in value]
-        return f"{type(value).__name__}({', '.join(items)})"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{_plain_text(k)}: {_plain_text(v)}"
-                               for k, v in sorted(value.items(), key=lambda kv: repr(kv[0]))) + "}"
-    return type(value).__qualname__

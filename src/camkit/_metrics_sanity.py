@@ -11,7 +11,6 @@ each step's maps are to the original ones. The user's model is never modified.
 from __future__ import annotations
 
 import copy
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -22,7 +21,7 @@ from torch import nn
 from camkit._hooks import ModelState
 from camkit._metrics_common import check_maps
 from camkit._metrics_maps import _fraction, spearman, ssim, top_k_iou
-from camkit.errors import CamkitError
+from camkit.errors import CamkitError, warn_at_caller
 
 __all__ = ["RandomizationResult", "randomization_check", "randomize_"]
 
@@ -201,10 +200,9 @@ def randomization_check(
     if window_fits:
         structure = ssim(reference, every).view(shape)
     else:
-        warnings.warn(
+        warn_at_caller(
             f"maps of size {tuple(original.shape[1:])} are smaller than the 11 x 11 SSIM "
-            "window; RandomizationResult.ssim is NaN.",
-            stacklevel=2,
+            "window; RandomizationResult.ssim is NaN."
         )
         structure = torch.full(shape, torch.nan, device=stacked.device)
     return RandomizationResult(

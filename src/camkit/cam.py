@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -18,10 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from camkit._hooks import LayerCapture, ModelState
-from camkit.errors import CamkitError
+from camkit.errors import CamkitError, warn_at_caller
 from camkit.layers import (
     INTEGER_IMAGES_FIX,
     enclosing_block_name,
+    integer_images_fault,
     resolve_target_layers,
     unwrap_model,
 )
@@ -158,7 +158,9 @@ class CAM:
         ``None`` (an adapter's choice for known families, else the last module whose output
         is a spatial map; see ``camkit.list_layers``), a dotted module name, a module, or a
         list of those. With several layers, ``maps`` is their fusion: the mean of the
-        per-layer scaled maps, scaled again to ``[0, 1]``.
+        per-layer scaled maps, scaled again to ``[0, 1]``. Names and modules are checked
+        here, when the CAM is built (so a layer added to the model later is not found);
+        the automatic choice waits for the first call, which shows the input size.
     output
         Which part of a tuple / dict output holds the scores: an index, a key or a callable.
     reshape
@@ -353,12 +355,12 @@ class CAM:
                 "reshape=fn turning them into (N, C, h, w)."
             )
         if a.shape[-2:] == (1, 1):
-            warnings.warn(
-                f"target layer {name!r} gives a 1 x 1 map at this input size, so every map is "
-                "constant (result.degenerate is True) and shows no location. Choose a layer "
-                "with a larger map (camkit.list_layers(model, input_size=...) lists them), or "
-                "pass larger images.",
-                stacklevel=3,
+            alone = self._layers is not None and len(self._layers) == 1
+            warn_at_caller(
+                f"target layer {name!r} gives a 1 x 1 map at this input size, so its map is "
+                f"constant{' (result.degenerate is True)' if alone else ''} and shows no "
+                "location. Choose a layer with a larger map (camkit.list_layers(model, "
+                "input_size=...) lists them), or pass larger images."
             )
         if score_dims == 2:  # g: (N, K, C, h, w)
             weights = type(self).weights(a[:, None], g)
@@ -443,7 +445,7 @@ def _integer_input_hint(images: torch.Tensor) -> Iterator[None]:
     try:
         yield
     except RuntimeError as err:
-        if images.is_floating_point() or images.is_complex():
+        if not integer_images_fault(images, err):
             raise
         raise CamkitError(
             f"the model failed on images of dtype {images.dtype}: {err}. {INTEGER_IMAGES_FIX}"

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data._utils.collate import default_collate
 
 from camkit import metrics
+from camkit._dataset_callables import describe_callable, without_digests
 from camkit._dataset_dist import Group, join_group
 from camkit._dataset_index import AGGREGATES, CLASS_MEANS, INDEX, MISCLASSIFIED, build_index
 from camkit._dataset_io import ShardFiles, ShardWriter
@@ -44,7 +45,7 @@ from camkit._dataset_manifest import (
     library_version,
     model_digest,
 )
-from camkit._dataset_plan import Plan, Source, default_shard_size, describe_callable, resolve_source
+from camkit._dataset_plan import Plan, Source, default_shard_size, resolve_source
 from camkit._dataset_report import write_report
 from camkit.cam import CAM
 from camkit.errors import CamkitError
@@ -312,8 +313,7 @@ def explain_dataset(
             "map_dtype": map_dtype if keep == "maps" else None,
             "aggregate_size": list(small_shape),
         }
-        key = fingerprint(description)
-        _agree(group, key)
+        _agree(group, fingerprint(without_digests(description)))
         failure: BaseException | None = None
         if group.rank == 0:
             try:
@@ -340,7 +340,8 @@ def explain_dataset(
         _raise_for_peers(statuses)
 
         if group.rank == 0:
-            header = {"format": FORMAT, "fingerprint": key, "layer": cam.layer,
+            header = {"format": FORMAT, "fingerprint": fingerprint(description),
+                      "layer": cam.layer,
                       "group_by": "label" if callable(targets) else "target",
                       "arguments": description}
             try:

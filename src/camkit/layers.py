@@ -36,9 +36,11 @@ __all__ = [
     "LayerInfo",
     "LayerTable",
     "enclosing_block_name",
+    "integer_images_fault",
     "list_layers",
     "resolve_target_layers",
     "unwrap_model",
+    "without_wrapper_prefixes",
 ]
 
 _log = logging.getLogger(__name__)
@@ -59,18 +61,18 @@ def unwrap_model(model: Any) -> nn.Module:
     ``DistributedDataParallel`` only forward to the model they hold; hooks, names and the
     single-device forward that explaining needs all live on that model.
     """
-    if isinstance(model, torch.jit.ScriptModule):
-        raise CamkitError(
-            f"model is a TorchScript module ({type(model).__name__}); camkit needs forward "
-            "hooks, which TorchScript does not run. Pass the eager nn.Module you scripted or "
-            "traced (torch.compile'd models are fine)."
-        )
     if not isinstance(model, nn.Module):
         raise CamkitError(
             f"model must be a torch.nn.Module, got {type(model).__name__}. If you have a class, "
             "pass an instance (MyNet(), not MyNet)."
         )
     while True:
+        if isinstance(model, torch.jit.ScriptModule):  # also when a wrapper holds one
+            raise CamkitError(
+                f"model is a TorchScript module ({type(model).__name__}); camkit needs "
+                "forward hooks, which TorchScript does not run. Pass the eager nn.Module you "
+                "scripted or traced (torch.compile'd models are fine)."
+            )
         if type(model).__name__ == "OptimizedModule" and isinstance(
             getattr(model, "_orig_mod", None), nn.Module
         ):
@@ -81,14 +83,12 @@ def unwrap_model(model: Any) -> nn.Module:
             return model
 
 
-def _without_wrapper_prefixes(model: nn.Module, name: str) -> str:
-    """``name`` with the prefixes wrappers add removed, while it names no submodule as is."""
-    while name.startswith(WRAPPER_PREFIXES):
-        try:
-            model.get_submodule(name)
-            return name
-        except AttributeError:
-            name = name.split(".", 1)[1]
+def without_wrapper_prefixes(model: nn.Module, name: str) -> str:
+    """``name`` less the prefixes a wrapper adds (``module.``, ``_orig_mod.``), as long as
+    ``model`` (already unwrapped) has no child of that name itself."""
+    children = {child for child, _ in model.named_children()}
+    while name.startswith(WRAPPER_PREFIXES) and name.split(".", 1)[0] not in children:
+        name = name.split(".", 1)[1]
     return name
 
 
@@ -183,6 +183,19 @@ INTEGER_IMAGES_FIX = (
 )
 
 
+_DTYPE_WORDS = re.compile(r"dtype|scalar type|type \(|Byte|Char|Short|Int|Long|Bool|"
+                          r"not implemented for|unsigned char|can't be cast")
+
+
+def integer_images_fault(images: torch.Tensor, error: BaseException) -> bool:
+    """Whether ``error`` reads like a model refusing the integer dtype of ``images``."""
+    if images.is_floating_point() or images.is_complex():
+        return False
+    if isinstance(error, torch.cuda.OutOfMemoryError) or not isinstance(error, RuntimeError):
+        return False
+    return _DTYPE_WORDS.search(str(error)) is not None
+
+
 def _input_from_example(model: nn.Module, example_input: Any) -> _DryInput:
     """The first image of the user's batch, on the model's device and dtype."""
     if not isinstance(example_input, torch.Tensor) or example_input.ndim == 0:
@@ -217,7 +230,7 @@ def _run(model: nn.Module, dry: _DryInput) -> Trace:
     try:
         return trace_forward(model, dry.tensor)
     except Exception as exc:
-        if dry.from_user and not dry.tensor.is_floating_point():
+        if dry.from_user and integer_images_fault(dry.tensor, exc):
             fix = INTEGER_IMAGES_FIX
         elif dry.from_user:
             fix = (
@@ -271,7 +284,8 @@ def _from_python_syntax(model: nn.Module, name: str) -> str | None:
     return candidate
 
 
-def _unknown_name(model: nn.Module, name: str) -> CamkitError:
+def _unknown_name(model: nn.Module, name: str, given: str | None = None) -> CamkitError:
+    """The error for ``name`` (``given`` by the user as written, wrapper prefix and all)."""
     names = [n for n, _ in model.named_modules(remove_duplicate=False) if n]
     spelled = _from_python_syntax(model, name)
     if spelled is not None:
@@ -283,15 +297,16 @@ def _unknown_name(model: nn.Module, name: str) -> CamkitError:
             if close
             else "No name is close to it."
         )
+    shown = repr(name) if given in (None, name) else f"{given!r} (read as {name!r})"
     return CamkitError(
-        f"no layer named {name!r} in {type(model).__name__} ({len(names)} named modules). "
+        f"no layer named {shown} in {type(model).__name__} ({len(names)} named modules). "
         f"{suggestion} Names are the dotted paths of model.named_modules(); {LIST_HINT}."
     )
 
 
 def _explicit(model: nn.Module, item: Any, names: dict[int, str]) -> tuple[str, nn.Module]:
     if isinstance(item, str):
-        name = _without_wrapper_prefixes(model, item)
+        name = without_wrapper_prefixes(model, item)
         if not name:
             raise CamkitError(
                 "target_layer '' names the whole model; pick a layer inside it "
@@ -300,7 +315,7 @@ def _explicit(model: nn.Module, item: Any, names: dict[int, str]) -> tuple[str, 
         try:
             module = model.get_submodule(name)
         except AttributeError:
-            raise _unknown_name(model, name) from None
+            raise _unknown_name(model, name, item) from None
         return name, module
     if isinstance(item, nn.Module):
         if item is model:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import difflib
 import math
-import warnings
 from collections.abc import Iterator, Mapping
 from fractions import Fraction
 from typing import NamedTuple
@@ -32,8 +31,8 @@ from camkit._rf_algebra import AxisField
 from camkit._rf_measure import measure
 from camkit._rf_trace import TracedModel, eval_mode, model_device, propagate_shapes, trace
 from camkit._rf_walk import AXES, Unsupported, Val, walk
-from camkit.errors import CamkitError
-from camkit.layers import unwrap_model
+from camkit.errors import CamkitError, warn_at_caller
+from camkit.layers import WRAPPER_PREFIXES, unwrap_model
 
 __all__ = ["Box", "LayerField", "ReceptiveField", "receptive_field"]
 
@@ -251,9 +250,16 @@ class ReceptiveField(Mapping[str, LayerField]):
         self.model_name = model_name
         self.reason = reason
 
+    def _key(self, name: object) -> object:
+        """``name``, less the prefixes a wrapper adds where only the stripped name is known."""
+        while (isinstance(name, str) and name not in self._index
+               and name.startswith(WRAPPER_PREFIXES)):
+            name = name.split(".", 1)[1]
+        return name
+
     def __getitem__(self, name: str) -> LayerField:
         try:
-            return self._index[name]
+            return self._index[self._key(name)]
         except (KeyError, TypeError):
             pass
         close = difflib.get_close_matches(str(name), list(self._index), n=3)
@@ -262,6 +268,12 @@ class ReceptiveField(Mapping[str, LayerField]):
             f"no layer named {name!r} in the receptive fields of {self.model_name} "
             f"({len(self._index)} names).{hint} List them with list(rf) or print(rf)."
         )
+
+    def __contains__(self, name: object) -> bool:
+        try:
+            return self._key(name) in self._index
+        except TypeError:  # an unhashable name
+            return False
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._index)
@@ -477,13 +489,11 @@ def receptive_field(
                 f"({reason}), and a model on the meta device cannot be measured either (that "
                 "takes input gradients); build the model on a real device, e.g. the CPU"
             ) from cause
-        warnings.warn(
+        warn_at_caller(
             f"camkit.receptive_field: {type(model).__name__} could not be analysed ({reason}); "
             "the fields were measured from input gradients instead (rf.method == 'measured'), "
             "which gives module outputs only and lower bounds where a field reaches the image "
-            "border.",
-            UserWarning,
-            stacklevel=2,
+            "border."
         )
     if model_device(model).type == "meta":
         raise CamkitError(
