@@ -81,6 +81,7 @@ def test_callable_targets_with_several_scores(tiny: Tiny, x: torch.Tensor) -> No
     ("targets", "message"),
     [
         ([1, 2], "length 2 but the batch has length 3"),
+        ([], "length 0 but the batch has length 3"),
         (torch.zeros(4, 2, dtype=torch.long), "length 4 but the batch has length 3"),
         (7, "out of range"),
         (-1, "out of range"),
@@ -271,6 +272,10 @@ def test_reshape_for_token_layers() -> None:
     a, g = to_map(tokens.detach()), to_map(grad)
     expected = torch.einsum("nc,nchw->nhw", g.mean(dim=(2, 3)), a).clamp(min=0)
     torch.testing.assert_close(result.raw, expected, atol=1e-6, rtol=1e-5)
+    flat = GradCAM(model, "mix", reshape=lambda t: t.reshape(t.shape[0], -1))
+    with pytest.raises(CamkitError, match=r"reshape turned .* of shape \(2, 13, \d+\), into "
+                                          r"shape \(2, \d+\)"):
+        flat(x)
 
 
 def test_overlay_blends_and_resizes() -> None:

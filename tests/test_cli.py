@@ -298,6 +298,42 @@ def test_explain_errors_are_one_line(files, capsys, flag, values, message) -> No
     assert message in _run_error(argv, capsys)
 
 
+@pytest.mark.parametrize(
+    ("source", "model", "words"),
+    [
+        ("def bad():\n    raise ValueError('bad config')\n", "bad",
+         ["calling", "ValueError: bad config", "line 2"]),
+        ("import nonexistent_pkg_xyz\n", "f", ["importing", "ModuleNotFoundError",
+                                                "nonexistent_pkg_xyz", "line 1"]),
+        ("def f(:\n", "f", ["importing", "SyntaxError", "line 1"]),
+    ],
+)
+def test_errors_in_the_users_model_code_are_one_line_with_where(files, capsys, source, model,
+                                                                 words) -> None:
+    net = files["dir"] / "usernet.py"
+    net.write_text(source)
+    line = _run_error(["layers", f"{net}:{model}"], capsys)
+    assert all(word in line for word in words), line
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "words"),
+    [
+        ("--checkpoint", "garbage", ["cannot read checkpoint"]),  # torch.load: KeyError
+        ("--checkpoint", "{dir}", ["is a folder"]),
+        ("--model-arg", "num_classes=-3", ["num_classes", "-3"]),  # the model refuses it
+    ],
+)
+def test_bad_weights_and_arguments_are_one_line(files, capsys, flag, value, words) -> None:
+    garbage = files["dir"] / "garbage.pt"
+    garbage.write_text("hello\n")
+    value = str(garbage) if value == "garbage" else value.format(dir=files["dir"])
+    argv = ["explain", str(files["image"]), "--model", "resnet18", "--out",
+            str(files["dir"] / "x.png"), flag, value]
+    line = _run_error(argv, capsys)
+    assert all(word in line for word in words), line
+
+
 def test_missing_image(files, capsys) -> None:
     argv = _explain(files)
     argv[1] = str(files["dir"] / "missing.png")
@@ -438,3 +474,9 @@ def test_cli_works_when_the_dataset_module_fails_to_import(capsys, monkeypatch) 
     monkeypatch.setitem(sys.modules, "camkit._cli_dataset", None)
     line = _run_error(["explain-dataset"], capsys)
     assert "unavailable" in line
+
+
+def test_layers_on_a_size_the_model_refuses_names_the_flag(capsys) -> None:
+    line = _run_error(["layers", "resnet18", "--input-size", "1", "64", "64"], capsys)
+    assert "(1, 1, 64, 64)" in line and "3 channels" in line and "--input-size" in line
+    assert "list_layers(" not in line  # advice for the Python API, not the command line

@@ -12,6 +12,7 @@ import warnings
 
 import pytest
 import torch
+import torchvision
 from _layers_zoo import meta_torchvision
 from torch import nn
 
@@ -443,6 +444,16 @@ def test_unknown_name_suggests_closest() -> None:
     assert "'layer5'" in message and "ResNet" in message
     assert "Closest names: 'layer4', 'layer3'" in message
     assert "camkit.list_layers(model)" in message
+
+
+def test_automatic_layer_follows_the_image_size_of_each_call() -> None:
+    # resnet18's layer4 is 1 x 1 at 32 px, so camkit steps back there, and only there.
+    torch.manual_seed(0)
+    cam = camkit.GradCAM(torchvision.models.resnet18(weights=None, num_classes=3).eval())
+    assert cam.layer == "layer4"  # before any call: the canonical 224 px
+    for size, layer in [(32, "layer3"), (224, "layer4"), (32, "layer3"), (64, "layer4")]:
+        assert cam(torch.randn(1, 3, size, size)).layer == layer
+        assert cam.layer == layer  # the latest call's
 
 
 @pytest.mark.parametrize("method", [camkit.GradCAM, camkit.GradCAMPlusPlus])

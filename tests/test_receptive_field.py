@@ -541,7 +541,8 @@ def test_module_entry_is_its_output_not_its_last_submodule():
     rf = receptive_field(model, input_size=(1, 16, 16))
     assert rf["1.shortcut"].size == (3, 3)
     assert rf["1"].size == (5, 5)
-    assert rf["1"] is rf["1.add"]
+    assert rf["1"].node == rf["1.add"].node == "1.add"  # the same field, named as asked
+    assert (rf["1"].name, rf["1.add"].name) == ("1", "1.add")
     assert str(rf).index("1.shortcut") < str(rf).index("1.add")
 
 
@@ -556,7 +557,7 @@ def test_resnet_names_follow_torchvision_node_names():
                and n not in ("x",)]
     assert missing == []
     # a module called twice: its name means its last call, name_0 its first
-    assert rf["layer1.0.relu"] is rf["layer1.0.relu_1"] is rf["layer1.0"]
+    assert rf["layer1.0.relu"].node == rf["layer1.0"].node == "layer1.0.relu_1"
     assert rf["layer1.0.relu_0"].size == (19, 19)
     assert rf["layer1.0.relu"].size == (27, 27)
     assert rf["layer1.0.add"].size == (27, 27)
@@ -1249,10 +1250,17 @@ def test_default_input_size_takes_channels_from_the_first_conv():
     assert rf["0"].output_size == (222, 222)
 
 
-@pytest.mark.parametrize("bad", [(224, 224), (1, 3, 224, 224), (3, 0, 4), (3.0, 8, 8), "3x8x8"])
+@pytest.mark.parametrize("bad", [(1, 3, 224, 224), (3, 0, 4), (3.0, 8, 8), "3x8x8", True])
 def test_bad_input_size_is_explained(bad):
     with pytest.raises(CamkitError, match=r"\(C, H, W\)"):
         receptive_field(nn.Conv2d(3, 1, 3), input_size=bad)
+
+
+def test_input_size_takes_the_forms_list_layers_takes():
+    model = nn.Sequential(nn.Conv2d(2, 1, 3))
+    for size in (20, (20, 20), (2, 20, 20)):  # channels from the first conv when not given
+        rf = receptive_field(model, input_size=size)
+        assert rf.input_size == (2, 20, 20) and rf["0"].output_size == (18, 18)
 
 
 def test_bad_arguments_are_explained():

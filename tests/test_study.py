@@ -392,3 +392,21 @@ def test_recomputed_batchnorm_statistics_by_hand():
     assert recomputed > 0.9 > evaluate(model, x_val, y_val)[1]
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert not model.training
+
+
+def test_batchnorm_note_names_the_epochs_where_eval_mode_lags():
+    from study.report import _batchnorm_note
+
+    def model(label, evald, recomputed):
+        return {"label": label, "history": {"val_acc": evald, "val_acc_bn_recomputed": recomputed}}
+
+    lagging = {"a": model("Net-A", [0.1, 0.1, 0.5, 0.7], [0.4, 0.6, 0.59, 0.7]),
+               "b": model("Net-B", [0.5, 0.6], [0.55, 0.65])}
+    note = _batchnorm_note(lagging)
+    assert "Net-A, epochs 1-2 (epoch 2: 0.10 against 0.60; last epoch: 0.70 against 0.70)" in note
+    assert "Net-B" not in note  # within 0.1 throughout
+    gaps = {"a": model("Net-A", [0.1, 0.5, 0.5, 0.1], [0.4, 0.5, 0.5, 0.4])}
+    assert "Net-A, epochs 1, 4 (epoch 1:" in _batchnorm_note(gaps)
+    calm = {"b": lagging["b"]}
+    assert "stays within 0.10" in _batchnorm_note(calm)
+    assert _batchnorm_note({"c": {"label": "Old", "history": {"val_acc": [0.5]}}}) == ""

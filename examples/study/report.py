@@ -213,21 +213,25 @@ def _batchnorm_note(models: dict[str, Any]) -> str:
         if len(low) == 0:
             continue
         worst = int(np.argmax(recomputed - evald))
-        span = f"epoch {low[0]}" if len(low) == 1 else f"epochs {low[0]}-{low[-1]}"
-        lines.append(
-            f"{label}: in {span} its eval-mode validation accuracy is at least {BN_GAP:.2f} "
-            "below that of the same weights with BatchNorm statistics recomputed on the "
-            f"training images (epoch {worst + 1}: {evald[worst]:.2f} against "
-            f"{recomputed[worst]:.2f}); at the last epoch the two are {evald[-1]:.2f} and "
-            f"{recomputed[-1]:.2f}.")
-    head = ("Dashed: validation accuracy with each BatchNorm layer's running statistics "
-            "recomputed over the training images (mean over seeds), a check of whether the "
-            "eval-mode curve measures the weights or statistics that lag them. ")
+        if len(low) == 1:
+            span = f"epoch {low[0]}"
+        elif low[-1] - low[0] == len(low) - 1:  # a run of consecutive epochs
+            span = f"epochs {low[0]}-{low[-1]}"
+        else:
+            span = f"epochs {', '.join(map(str, low))}"
+        lines.append(f"{label}, {span} (epoch {worst + 1}: {evald[worst]:.2f} against "
+                     f"{recomputed[worst]:.2f}; last epoch: {evald[-1]:.2f} against "
+                     f"{recomputed[-1]:.2f})")
+    head = ("Dashed: validation accuracy of the same weights with each BatchNorm layer's "
+            "running statistics recomputed over the training images (mean over seeds). It "
+            "tells whether the eval-mode curve measures the weights or running statistics "
+            "that lag them. ")
     if not lines:
         return head + (f"It stays within {BN_GAP:.2f} of the eval-mode curve for every model "
                        "and epoch, so the curves above measure the weights.")
-    return head + " ".join(lines) + (" Those epochs understate what the weights can do; the "
-                                     "verdicts use the last epoch.")
+    return head + (f"The eval-mode accuracy is {BN_GAP:.2f} or more below it for "
+                   + "; ".join(lines) + ". Those epochs understate what the weights can do; "
+                   "the verdicts use the last epoch.")
 
 
 def _erf_range(models: dict[str, Any]) -> str:

@@ -160,7 +160,11 @@ class _FolderImages(Dataset):
         flag = cv2.IMREAD_GRAYSCALE if self.channels == 1 else cv2.IMREAD_COLOR
         pixels = cv2.imread(str(path), flag)
         if pixels is None:
-            raise CamkitError(f"{path} cannot be read as an image.")
+            raise CamkitError(
+                f"{path} cannot be read as an image. Move or delete it and start again "
+                "(the file list is part of the run, so with a new --out, or after deleting "
+                "this one)."
+            )
         if self.channels == 1:
             return pixels[None]
         return cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB).transpose(2, 0, 1)

@@ -36,6 +36,11 @@ def load_image(path: str, channels: int) -> np.ndarray:
             f"asks for {channels}."
         )
     file = Path(path)
+    if file.is_dir():
+        raise CamkitError(
+            f"image {path!r} is a folder; explain takes one image file (explain-dataset "
+            "takes a folder)."
+        )
     if not file.is_file():
         raise CamkitError(f"image file {path!r} does not exist.")
     cv2 = _cv2()

@@ -20,6 +20,7 @@ import importlib.util
 import os
 import pickle
 import sys
+import traceback
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -166,6 +167,10 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError as err:
         raise CamkitError(f"--device {name!r} is not a torch device (e.g. cpu, cuda:0).") from err
+    if device.type == "meta":
+        raise CamkitError(
+            "--device meta holds no values, so nothing can be explained on it; use cpu or cuda."
+        )
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CamkitError(f"--device {name!r}: this PyTorch build sees no CUDA device.")
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
@@ -249,9 +254,10 @@ def _from_torchvision(name: str, kwargs: dict[str, Any]) -> nn.Module:
         )
     try:
         return tv_models.get_model(name, weights=None, **kwargs)
-    except TypeError as err:
+    except Exception as err:  # a bad --model-arg: TypeError, or a value the model refuses
         raise CamkitError(
-            f"building torchvision model {name!r} with {kwargs} failed: {err}"
+            f"building torchvision model {name!r} with {kwargs} failed: "
+            f"{type(err).__name__}: {_first_line(err)}"
         ) from err
 
 
@@ -283,8 +289,8 @@ def _from_callable(spec: str, kwargs: dict[str, Any]) -> nn.Module:
         )
     try:
         model = target(**kwargs)
-    except TypeError as err:
-        raise CamkitError(f"calling {spec!r} with {kwargs} failed: {err}") from err
+    except Exception as err:
+        raise _user_code_error(f"calling {spec!r} with {kwargs}", err) from err
     if not isinstance(model, nn.Module):
         raise CamkitError(
             f"{spec!r} returned a {type(model).__name__}; it must return a torch.nn.Module."
@@ -303,7 +309,11 @@ def _import(module_part: str) -> ModuleType:
             raise CamkitError(f"cannot load {module_part!r} as a Python file.")
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
-        spec.loader.exec_module(module)
+        try:
+            spec.loader.exec_module(module)
+        except Exception as err:
+            del sys.modules[name]
+            raise _user_code_error(f"importing {module_part!r}", err) from err
         return module
     # Like `python -m`, let modules in the current directory be found.
     if os.getcwd() not in sys.path and "" not in sys.path:
@@ -311,10 +321,28 @@ def _import(module_part: str) -> ModuleType:
     try:
         return importlib.import_module(module_part)
     except ModuleNotFoundError as err:
+        if err.name is not None and module_part.split(".")[0] != err.name.split(".")[0]:
+            raise _user_code_error(f"importing {module_part!r}", err) from err
         raise CamkitError(
             f"cannot import {module_part!r} ({err}). The module must be installed or lie "
             "under the current directory; a file can be named as path/to/file.py:callable."
         ) from err
+    except Exception as err:
+        raise _user_code_error(f"importing {module_part!r}", err) from err
+
+
+def _user_code_error(what: str, err: BaseException) -> CamkitError:
+    """One line for an exception raised by the user's model code, with where it was raised."""
+    where = ""
+    if isinstance(err, SyntaxError) and err.filename:
+        where = f" ({err.filename}, line {err.lineno})"
+    elif err.__traceback__ is not None:
+        frame = traceback.extract_tb(err.__traceback__)[-1]
+        where = f" ({frame.filename}, line {frame.lineno})"
+    return CamkitError(
+        f"{what} raised {type(err).__name__}: {_first_line(err)}{where}. Fix the model code, "
+        "or run it in Python to see the whole traceback."
+    )
 
 
 # --------------------------------------------------------------------------- loading
@@ -332,11 +360,13 @@ def load_checkpoint(
     its weights are loaded into ``model``, which must have the same architecture.
     """
     file = Path(path)
+    if file.is_dir():
+        raise CamkitError(f"checkpoint {str(path)!r} is a folder; pass the weights file.")
     if not file.is_file():
         raise CamkitError(f"checkpoint file {str(path)!r} does not exist.")
     try:
         loaded = torch.load(file, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+    except Exception as err:  # unpickling garbage fails in many ways (KeyError, ValueError...)
         if trust_pickle:
             loaded = _load_trusted(file, path)
         elif zipfile.is_zipfile(file):
@@ -395,9 +425,9 @@ def _load_trusted(file: Path, path: str | os.PathLike[str]) -> Any:
             f"cannot unpickle checkpoint {str(path)!r}: {err}. The classes it was saved with "
             "must be importable under the same module names."
         ) from err
-    except RuntimeError as err:
+    except Exception as err:
         raise CamkitError(
-            f"cannot read checkpoint {str(path)!r}: {_first_line(err)}"
+            f"cannot read checkpoint {str(path)!r}: {type(err).__name__}: {_first_line(err)}"
         ) from err
 
 

@@ -186,15 +186,20 @@ class CAM:
             resolve_target_layers(model, target_layer)
         self.model = model
         self._target_spec = target_layer
-        self._layers: list[tuple[str, nn.Module]] | None = None
+        self._layers: list[tuple[str, nn.Module]] | None = None  # those of the latest call
+        # The automatic choice depends on the image size (a map that is 1 x 1 on small
+        # images is stepped back from), so it is made once per (C, H, W).
+        self._automatic: dict[tuple[int, ...] | None, list[tuple[str, nn.Module]]] = {}
         self.output = output
         self.reshape = reshape
 
     # ------------------------------------------------------------------ layers
     @property
     def layers(self) -> list[str]:
-        """Dotted names of the target layers (resolved on first use)."""
-        return [name for name, _ in self._resolve(None)]
+        """Dotted names of the target layers: those of the latest call; before any call, the
+        automatic choice for the adapter's or the model's canonical input size."""
+        layers = self._layers if self._layers is not None else self._resolve(None)
+        return [name for name, _ in layers]
 
     @property
     def layer(self) -> str:
@@ -202,8 +207,14 @@ class CAM:
         return "+".join(self.layers)
 
     def _resolve(self, example: torch.Tensor | None) -> list[tuple[str, nn.Module]]:
-        if self._layers is None:
-            self._layers = resolve_target_layers(self.model, self._target_spec, example)
+        if self._target_spec is not None:
+            if self._layers is None:
+                self._layers = resolve_target_layers(self.model, self._target_spec)
+            return self._layers
+        size = None if example is None else tuple(example.shape[1:])
+        if size not in self._automatic:
+            self._automatic[size] = resolve_target_layers(self.model, None, example)
+        self._layers = self._automatic[size]
         return self._layers
 
     # ------------------------------------------------------------------ call
@@ -233,7 +244,7 @@ class CAM:
         """
         x = self._prepare(images)
         with _integer_input_hint(x):
-            layers = self._resolve(x[:1])
+            layers = self._resolve(x)
         state = ModelState(self.model)
         try:
             self.model.eval()
@@ -347,7 +358,14 @@ class CAM:
         dtype = torch.promote_types(activation.dtype, torch.float32)
         a, g = activation.to(dtype), gradient.to(dtype)
         if self.reshape is not None:
+            given = tuple(a.shape)
             a, g = self.reshape(a), self._reshape_batched(g, score_dims)
+            if a.ndim != 4:
+                raise CamkitError(
+                    f"reshape turned the activations of target layer {name!r}, of shape "
+                    f"{given}, into shape {tuple(a.shape)}, not (N, C, h, w). It must return "
+                    "a 4-D tensor, e.g. tokens.transpose(1, 2).reshape(N, C, h, w)."
+                )
         if a.ndim != 4:
             raise CamkitError(
                 f"target layer {name!r} gives activations of shape {tuple(a.shape)}, not "

@@ -165,13 +165,20 @@ def _on_model(call: Callable[[], object], size: tuple[int, ...] | None) -> objec
         return call()
     except NotImplementedError:
         raise
+    except CamkitError as err:
+        # A failed dry run: the library's message gives Python advice; say it in flags.
+        if not isinstance(err.__cause__, RuntimeError):
+            raise
+        raise _model_failure(err.__cause__, size) from err.__cause__
     except RuntimeError as err:
-        text = str(err).strip()
-        first = text.splitlines()[0] if text else type(err).__name__
-        shape = f" on a (1, {', '.join(map(str, size))}) input" if size else ""
-        raise CamkitError(
-            f"the model failed{shape}: {first}. Check --input-size (and --model-arg)."
-        ) from err
+        raise _model_failure(err, size) from err
+
+
+def _model_failure(err: RuntimeError, size: tuple[int, ...] | None) -> CamkitError:
+    text = str(err).strip()
+    first = text.splitlines()[0] if text else type(err).__name__
+    shape = f" on a (1, {', '.join(map(str, size))}) input" if size else ""
+    return CamkitError(f"the model failed{shape}: {first}. Check --input-size (and --model-arg).")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -572,9 +572,9 @@ def _first_image(source: Source) -> torch.Tensor:
 
 
 def _resolve_layer(cam: CAM, first_image: torch.Tensor) -> None:
-    """Make ``cam.layer`` known (it is resolved on the first call) with one image."""
-    if getattr(cam, "_layers", None) is None:
-        cam(first_image)
+    """Make ``cam.layer`` the layer of this data's image size (and check that one image
+    goes through) before anything is written."""
+    cam(first_image)
 
 
 def _agree(group: Group, key: str) -> None:

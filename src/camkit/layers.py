@@ -35,6 +35,7 @@ from camkit.errors import CamkitError
 __all__ = [
     "LayerInfo",
     "LayerTable",
+    "as_input_size",
     "enclosing_block_name",
     "integer_images_fault",
     "list_layers",
@@ -157,7 +158,8 @@ def _default_size(model: nn.Module, adapter: Adapter | None) -> tuple[int, int, 
     return (first_conv_channels(model), 224, 224)
 
 
-def _as_size(model: nn.Module, input_size: Any) -> tuple[int, int, int]:
+def as_input_size(model: nn.Module, input_size: Any) -> tuple[int, int, int]:
+    """``(C, H, W)`` from ``(C, H, W)``, ``(H, W)`` or an int (square); C from the stem."""
     if isinstance(input_size, int) and not isinstance(input_size, bool):
         input_size = (input_size, input_size)
     if isinstance(input_size, torch.Size):
@@ -172,7 +174,7 @@ def _as_size(model: nn.Module, input_size: Any) -> tuple[int, int, int]:
         return (input_size[0], input_size[1], input_size[2])
     raise CamkitError(
         f"input_size must be (C, H, W), (H, W) or an int, got {input_size!r}; e.g. "
-        "input_size=(3, 224, 224)."
+        "input_size=(3, 224, 224) (no batch dimension)."
     )
 
 
@@ -183,7 +185,7 @@ INTEGER_IMAGES_FIX = (
 )
 
 
-_DTYPE_WORDS = re.compile(r"dtype|scalar type|type \(|Byte|Char|Short|Int|Long|Bool|"
+_DTYPE_WORDS = re.compile(r"dtype|scalar type|type \(|\b(Byte|Char|Short|Int|Long|Bool)\b|"
                           r"not implemented for|unsigned char|can't be cast")
 
 
@@ -541,7 +543,7 @@ def list_layers(model: nn.Module, input_size: Any = None) -> LayerTable:
         _refuse_lazy_guess(root)
         size = _default_size(root, adapter)
     else:
-        size = _as_size(root, input_size)
+        size = as_input_size(root, input_size)
     dry = _input_of_size(root, size)
     trace = _run(root, dry)
     pick = _checked_pick(root, trace, adapter, adapter_name)

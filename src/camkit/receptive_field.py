@@ -18,6 +18,7 @@ followed exactly, the field is measured from input gradients instead, and
 
 from __future__ import annotations
 
+import copy
 import difflib
 import math
 from collections.abc import Iterator, Mapping
@@ -32,7 +33,7 @@ from camkit._rf_measure import measure
 from camkit._rf_trace import TracedModel, eval_mode, model_device, propagate_shapes, trace
 from camkit._rf_walk import AXES, Unsupported, Val, walk
 from camkit.errors import CamkitError, warn_at_caller
-from camkit.layers import WRAPPER_PREFIXES, unwrap_model
+from camkit.layers import WRAPPER_PREFIXES, as_input_size, unwrap_model
 
 __all__ = ["Box", "LayerField", "ReceptiveField", "receptive_field"]
 
@@ -188,8 +189,9 @@ class LayerField:
 
     def __repr__(self) -> str:
         glob = ", global" if self.is_global else ""
-        return (f"LayerField({self.name!r}, size={self.size}, stride={_fmt_tuple(self.stride)}, "
-                f"padding={self.padding}{glob})")
+        node = f", node={self.node!r}" if self.node != self.name else ""
+        return (f"LayerField({self.name!r}{node}, size={self.size}, "
+                f"stride={_fmt_tuple(self.stride)}, padding={self.padding}{glob})")
 
 
 def _triple(f: AxisField) -> tuple[int, Stride, int]:
@@ -259,9 +261,16 @@ class ReceptiveField(Mapping[str, LayerField]):
 
     def __getitem__(self, name: str) -> LayerField:
         try:
-            return self._index[self._key(name)]
+            key = self._key(name)
+            entry = self._index[key]
         except (KeyError, TypeError):
             pass
+        else:
+            if entry.name == key:
+                return entry
+            alias = copy.copy(entry)  # the same field, under the name asked for
+            alias.name = key
+            return alias
         close = difflib.get_close_matches(str(name), list(self._index), n=3)
         hint = f" Closest names: {', '.join(map(repr, close))}." if close else ""
         raise _MissingLayer(
@@ -388,23 +397,12 @@ def _check_input_size(model: nn.Module, input_size: object) -> tuple[int, int, i
                 "model has no Conv2d to take the channel count from"
             )
         return (conv.in_channels, 224, 224)
-    if isinstance(input_size, torch.Size):
-        input_size = tuple(input_size)
-    if (
-        not isinstance(input_size, (tuple, list))
-        or len(input_size) != 3
-        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in input_size)
-    ):
-        raise CamkitError(
-            f"input_size={input_size!r} is not a (C, H, W) tuple of positive ints; pass e.g. "
-            "input_size=(3, 224, 224) (no batch dim)"
-        )
-    return (int(input_size[0]), int(input_size[1]), int(input_size[2]))
+    return as_input_size(model, input_size)  # the forms list_layers takes
 
 
 def receptive_field(
     model: nn.Module,
-    input_size: tuple[int, int, int] | None = None,
+    input_size: tuple[int, int, int] | tuple[int, int] | int | None = None,
     *,
     method: str = "auto",
     n_inputs: int = 16,
@@ -418,10 +416,11 @@ def receptive_field(
         A model taking one image batch ``(N, C, H, W)``. It is not run on the
         analytic path (a model on the ``meta`` device works); its training
         flags, ``requires_grad`` flags and hooks are left as they were.
-    input_size : tuple of int, optional
-        ``(C, H, W)`` of one input. It sets the output sizes, the image the
-        boxes are clipped to, and whether adaptive pooling is global. Default:
-        224 x 224 with the channels of the model's first ``Conv2d``.
+    input_size : tuple of int or int, optional
+        ``(C, H, W)`` of one input, or ``(H, W)`` or an int (square) with the
+        channels of the model's first ``Conv2d``. It sets the output sizes, the
+        image the boxes are clipped to, and whether adaptive pooling is global.
+        Default: 224 x 224.
     method : {"auto", "analytic", "measured"}
         ``"analytic"`` walks the traced graph and raises :class:`CamkitError`
         naming the op it cannot follow; ``"measured"`` takes input gradients;

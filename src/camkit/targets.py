@@ -159,6 +159,8 @@ def _as_index_tensor(targets: Any, n: int, device: torch.device) -> torch.Tensor
             f"targets of type {type(targets).__name__} cannot be read as class indices; pass "
             "None, an int, a sequence of ints, a 1-D/2-D integer tensor or a callable."
         ) from err
+    if indices.numel() == 0 and indices.ndim == 1:
+        indices = indices.long()  # [] reads as float64: say what is wrong with it instead
     if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
         raise CamkitError(
             f"targets has dtype {indices.dtype}; class indices must be integers."
