@@ -113,8 +113,9 @@ def write_image(path: str, rgb: np.ndarray) -> None:
 def check_output_path(path: str) -> Path:
     """The image file ``path`` as a :class:`~pathlib.Path`, refused early when it cannot be one.
 
-    Only what can be told without writing is checked here (an empty name, a folder, a
-    missing parent folder); :func:`write_image` reports what the write itself runs into.
+    Only what can be told without writing is checked here (an empty name, a folder or a
+    name ending in a separator, a missing parent folder, an extension OpenCV cannot
+    encode); :func:`write_image` reports what the write itself runs into.
     """
     file = Path(path)
     if not path or file.is_dir() or path.endswith(("/", os.sep)):

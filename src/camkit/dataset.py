@@ -313,6 +313,7 @@ def explain_dataset(
             "map_dtype": map_dtype if keep == "maps" else None,
             "aggregate_size": list(small_shape),
         }
+        key = fingerprint(description)
         _agree(group, fingerprint(without_digests(description)))
         failure: BaseException | None = None
         if group.rank == 0:
@@ -340,8 +341,7 @@ def explain_dataset(
         _raise_for_peers(statuses)
 
         if group.rank == 0:
-            header = {"format": FORMAT, "fingerprint": fingerprint(description),
-                      "layer": cam.layer,
+            header = {"format": FORMAT, "fingerprint": key, "layer": cam.layer,
                       "group_by": "label" if callable(targets) else "target",
                       "arguments": description}
             try:
